@@ -1,0 +1,69 @@
+"""``ehrmamba data``: look at FHIR sources the way the model will read them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fhir_adapter.summary import SourceSummary, summarize
+
+app = typer.Typer(help="Inspect FHIR export files and bundles.", no_args_is_help=True)
+
+
+@app.command()
+def inspect(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(help="Export folders, NDJSON files, bundle folders or tar archives."),
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per source on stdout.")
+    ] = False,
+) -> None:
+    """Count patients, visits by class, events by kind, conditions and drops per source."""
+    err = Console(stderr=True)
+    out = Console()
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        err.print(f"[red]not found:[/red] {', '.join(map(str, missing))}")
+        raise typer.Exit(2)
+    for path in paths:
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TextColumn("{task.completed} patients"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as progress:
+            task = progress.add_task(f"reading {path}", total=None)
+            summary = summarize(path, lambda n: progress.update(task, completed=n))
+        if as_json:
+            print(json.dumps(summary.to_json(), sort_keys=True), flush=True)
+        else:
+            out.print(_table(summary))
+
+
+def _table(summary: SourceSummary) -> Table:
+    table = Table(title=summary.source, caption=f"read in {summary.seconds:.1f} s", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("count", justify="right")
+    table.add_row("patients", f"{summary.patients:,}")
+    for title, counter in (
+        ("visits", summary.visits),
+        ("events", summary.events),
+        ("resources read", summary.resources),
+        ("dropped", summary.dropped),
+        ("skipped types", summary.skipped_types),
+    ):
+        table.add_row(title, f"{sum(counter.values()):,}")
+        for key in sorted(counter):
+            table.add_row(f"  {key}", f"{counter[key]:,}")
+    table.add_row("conditions", f"{summary.conditions:,}")
+    return table

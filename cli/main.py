@@ -1,0 +1,15 @@
+"""``ehrmamba``: subcommands are added here as the parts they drive land."""
+
+from __future__ import annotations
+
+import typer
+
+from cli import data
+
+app = typer.Typer(
+    name="ehrmamba",
+    help="EHRMamba over FHIR: read data, train, evaluate, export and serve.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(data.app, name="data")

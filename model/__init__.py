@@ -1,0 +1,1 @@
+"""EHRMamba network, tasks, inference engine and artifact (built in the model issue)."""

@@ -1,0 +1,1 @@
+"""The FastAPI inference service (built in the service issue)."""

@@ -1,0 +1,1 @@
+"""Labels, datasets, pretraining, finetuning, evaluation and export (built in later issues)."""
