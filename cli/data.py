@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fhir_adapter.summary import SourceSummary, summarize
@@ -43,7 +43,11 @@ def inspect(
             transient=True,
         ) as progress:
             task = progress.add_task(f"reading {path}", total=None)
-            summary = summarize(path, lambda n: progress.update(task, completed=n))
+
+            def advance(done: int, task: TaskID = task) -> None:
+                progress.update(task, completed=done)
+
+            summary = summarize(path, advance)
         if as_json:
             print(json.dumps(summary.to_json(), sort_keys=True), flush=True)
         else:
@@ -51,7 +55,9 @@ def inspect(
 
 
 def _table(summary: SourceSummary) -> Table:
-    table = Table(title=summary.source, caption=f"read in {summary.seconds:.1f} s", show_header=False)
+    table = Table(
+        title=summary.source, caption=f"read in {summary.seconds:.1f} s", show_header=False
+    )
     table.add_column("what", style="bold")
     table.add_column("count", justify="right")
     table.add_row("patients", f"{summary.patients:,}")

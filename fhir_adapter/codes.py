@@ -45,7 +45,7 @@ def short_system(system: str | None) -> str:
     known = SYSTEMS.get(uri) or SYSTEMS.get(uri.rstrip("/"))
     if known:
         return known
-    return "OTHER:" + hashlib.sha1(uri.encode()).hexdigest()[:8]
+    return "OTHER:" + hashlib.sha1(uri.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
 def pick_code(concept: Any, preferred: Sequence[str]) -> str | None:

@@ -162,13 +162,13 @@ class ExportReader:
             return
         if name.endswith(_NDJSON_SUFFIXES):
             rtype = name.split(".", 1)[0]
-            if _is_resource_type(rtype) and rtype not in READ_TYPES:
-                # Bulk export files are named after their type: skip unread types unparsed.
-                self.stats.files += 1
-                self.stats.skipped_types[rtype] += sum(1 for line in raw if line.strip())
-                return
             self.stats.files += 1
-            stream = gzip.open(raw) if name.endswith(".gz") else raw
+            stream: Iterable[bytes] = gzip.GzipFile(fileobj=raw) if name.endswith(".gz") else raw
+            if _is_resource_type(rtype) and rtype not in READ_TYPES:
+                # Bulk export files are named after their type: skip unread types unparsed
+                # (counting the decompressed lines, not the lines of the gzip bytes).
+                self.stats.skipped_types[rtype] += sum(1 for line in stream if line.strip())
+                return
             yield from self._ndjson(stream)
         elif name.endswith(".json"):
             self.stats.files += 1
@@ -176,13 +176,13 @@ class ExportReader:
         else:
             self.stats.skipped_files.append(name)
 
-    def _ndjson(self, stream: IO[bytes]) -> Iterator[JsonObject]:
+    def _ndjson(self, stream: Iterable[bytes]) -> Iterator[JsonObject]:
         for line in stream:
             if not line.strip():
                 continue
             try:
                 item = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deep to read
                 self.stats.dropped["source:malformed_json"] += 1
                 continue
             yield from self._accept([item])
@@ -190,11 +190,16 @@ class ExportReader:
     def _json(self, name: str, data: bytes) -> Iterator[JsonObject]:
         try:
             item = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep to read
             self.stats.dropped["source:malformed_json"] += 1
             return
         if isinstance(item, dict) and item.get("resourceType") == "Bundle":
-            yield from self._accept(bundle_resources(item))
+            try:
+                resources = bundle_resources(item)
+            except RecursionError:  # rewriting references recurses as deep as the JSON
+                self.stats.dropped["source:malformed_json"] += 1
+                return
+            yield from self._accept(resources)
         elif isinstance(item, dict) and "resourceType" in item:
             yield from self._accept([item])
         else:

@@ -118,7 +118,8 @@ def build_timeline(record: PatientRecord) -> Timeline:
                 reader = _READERS.get(rtype)
                 if reader is None:
                     raise _Drop("unsupported_type")
-                pending.extend(reader(resource, record.medications))
+                # list() first: a resource is used whole or dropped whole.
+                pending.extend(list(reader(resource, record.medications)))
         except _Drop as drop:
             facts.dropped[f"{rtype}:{drop.reason}"] += 1
 
@@ -172,13 +173,14 @@ def _patient(resource: JsonObject) -> Patient:
 
 
 def _encounter(resource: JsonObject) -> _Encounter:
-    status = resource.get("status")
+    status = _status(resource)
     if status in _VOID_STATUSES["Encounter"]:
         raise _Drop("not_performed")
     rid = resource.get("id")
     if not isinstance(rid, str) or not rid:
         raise _Drop("no_id")
-    period = resource.get("period") if isinstance(resource.get("period"), dict) else {}
+    raw_period = resource.get("period")
+    period: JsonObject = raw_period if isinstance(raw_period, dict) else {}
     start = _required_time(period.get("start"))
     end = parse_datetime(period.get("end"))
     if period.get("end") is not None and end is None:
@@ -272,8 +274,8 @@ def _medication_concept(resource: JsonObject, medications: dict[str, JsonObject]
     holder = resource.get("medicationReference")
     ref = holder.get("reference") if isinstance(holder, dict) else None
     if isinstance(ref, str) and ref.startswith("#"):
-        for contained in resource.get("contained") or []:
-            if isinstance(contained, dict) and contained.get("id") == ref[1:]:
+        for contained in _dicts(resource.get("contained")):
+            if contained.get("id") == ref[1:]:
                 return contained.get("code")
         return None
     parsed = parse_reference(ref)
@@ -290,7 +292,7 @@ def _observation(resource: JsonObject, _: dict[str, JsonObject]) -> Iterator[_Pe
     time = _first_time(resource, ("effectiveDateTime", "effectiveInstant",
                                   "effectivePeriod.start", "issued"))
     encounter = _encounter_ref(resource, "encounter")
-    components = [c for c in resource.get("component") or [] if isinstance(c, dict)]
+    components = _dicts(resource.get("component"))
     if "valueQuantity" not in resource and components:
         parts = [c for c in components if pick_code(c.get("code"), LAB_SYSTEMS)]
         if not parts:
@@ -309,13 +311,7 @@ def _observation_used(resource: JsonObject) -> bool:
     categories = resource.get("category")
     if not isinstance(categories, list) or not categories:
         return True
-    codes = {
-        coding.get("code")
-        for concept in categories
-        if isinstance(concept, dict)
-        for coding in concept.get("coding") or []
-        if isinstance(coding, dict)
-    }
+    codes = set().union(*(_coding_codes(concept) for concept in categories))
     return bool(codes & _USED_OBSERVATION_CATEGORIES)
 
 
@@ -329,11 +325,17 @@ def _quantity(holder: JsonObject) -> tuple[float | None, str | None]:
     raw = quantity.get("value")
     if raw is None:
         return None, None
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise _Drop("bad_value")
+    try:
+        value = float(raw)  # an integer beyond the float range overflows
+    except OverflowError:
+        raise _Drop("bad_value") from None
+    if not math.isfinite(value):
         raise _Drop("bad_value")
     unit = quantity.get("code", quantity.get("unit"))
     if unit is None:
-        return float(raw), None
+        return value, None
     if (
         not isinstance(unit, str)
         or not unit.strip()
@@ -341,17 +343,11 @@ def _quantity(holder: JsonObject) -> tuple[float | None, str | None]:
         or not unit.isprintable()
     ):
         raise _Drop("bad_unit")
-    return float(raw), unit.strip()
+    return value, unit.strip()
 
 
 def _condition(resource: JsonObject, _: dict[str, JsonObject]) -> Iterator[_Pending]:
-    verification = resource.get("verificationStatus")
-    codes = {
-        c.get("code")
-        for c in (verification or {}).get("coding") or []
-        if isinstance(verification, dict) and isinstance(c, dict)
-    }
-    if codes & {"entered-in-error", "refuted"}:
+    if _coding_codes(resource.get("verificationStatus")) & {"entered-in-error", "refuted"}:
         raise _Drop("not_performed")
     code = _code(resource.get("code"), CONDITION_SYSTEMS)
     time = _first_time(resource, ("onsetDateTime", "onsetPeriod.start", "recordedDate"))
@@ -372,8 +368,25 @@ _KIND_ORDER = {kind: rank for rank, kind in enumerate(EventKind)}
 
 
 def _check_status(resource: JsonObject, rtype: str) -> None:
-    if resource.get("status") in _VOID_STATUSES.get(rtype, frozenset()):
+    if _status(resource) in _VOID_STATUSES.get(rtype, frozenset()):
         raise _Drop("not_performed")
+
+
+def _status(resource: JsonObject) -> str | None:
+    status = resource.get("status")
+    return status if isinstance(status, str) else None
+
+
+def _dicts(value: Any) -> list[JsonObject]:
+    """The objects in a JSON array; anything else (a string, a number, null) holds none."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _coding_codes(concept: Any) -> set[str]:
+    """The string codes of a CodeableConcept's codings."""
+    if not isinstance(concept, dict):
+        return set()
+    return {c["code"] for c in _dicts(concept.get("coding")) if isinstance(c.get("code"), str)}
 
 
 def _code(concept: Any, preferred: tuple[str, ...]) -> str:

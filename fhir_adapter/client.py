@@ -1,0 +1,358 @@
+"""An async FHIR R4 REST client: read, search with paging, a patient's whole record.
+
+Behaviour a hospital integration engineer can rely on:
+- Paging follows ``Bundle.link[next]`` exactly as the server gave it (HAPI's links are
+  opaque), only on the server's own origin, and stops on a repeated link.
+- 429 and 502/503/504 are retried with exponential backoff, honouring ``Retry-After``
+  (seconds or an HTTP date) up to a cap; connection failures are retried too. Only 429
+  is retried for POST, since a 5xx may mean the write happened.
+- A 401 drops the cached token and retries once with a fresh one.
+- Every failure surfaces as one of the typed errors in ``fhir_adapter.errors``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from fhir_adapter.auth import Auth, NoAuth
+from fhir_adapter.errors import (
+    FhirError,
+    FhirNotFound,
+    FhirTimeout,
+    FhirUnauthorized,
+    FhirUnavailable,
+    FhirUpstreamError,
+)
+from fhir_adapter.record import CLINICAL_TYPES, JsonObject, PatientRecord
+
+FHIR_JSON = "application/fhir+json"
+_RETRY_STATUSES = frozenset({429, 502, 503, 504})
+_MEDICATION_TYPES = ("MedicationRequest", "MedicationAdministration")
+
+
+@dataclass(frozen=True)
+class FhirClientConfig:
+    """How to talk to one FHIR server. Times are seconds."""
+
+    base_url: str
+    timeout: float = 30.0
+    connect_timeout: float = 5.0
+    max_retries: int = 3
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    page_size: int = 200
+    max_pages: int = 10_000
+    user_agent: str = "ehrmamba-fhir"
+    auth: Auth = field(default_factory=NoAuth)
+
+
+@dataclass(frozen=True, slots=True)
+class SearchEntry:
+    """One search result; ``mode`` is ``match`` or ``include`` (from ``_include``)."""
+
+    resource: JsonObject
+    mode: str
+
+
+class FhirClient:
+    """Use as ``async with FhirClient(config) as fhir: ...``.
+
+    ``transport`` replaces the network layer (tests inject faults a real server cannot
+    be made to show).
+    """
+
+    def __init__(
+        self, config: FhirClientConfig, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.config = config
+        self.base_url = config.base_url.rstrip("/")
+        self._base_origin = origin(self.base_url)
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(config.timeout, connect=config.connect_timeout),
+            headers={"Accept": FHIR_JSON, "User-Agent": config.user_agent},
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    async def __aenter__(self) -> FhirClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # --- reads -----------------------------------------------------------------------------
+
+    async def read(self, resource_type: str, resource_id: str) -> JsonObject:
+        """One resource by id; FhirNotFound for 404/410."""
+        response = await self.request("GET", f"{resource_type}/{resource_id}")
+        return _resource(response)
+
+    async def search(
+        self,
+        resource_type: str,
+        params: Mapping[str, str] | None = None,
+        *,
+        fresh: bool = False,
+    ) -> AsyncIterator[SearchEntry]:
+        """Every entry of a search, page after page. ``fresh`` asks caches to revalidate."""
+        query = dict(params or {})
+        query.setdefault("_count", str(self.config.page_size))
+        headers = {"Cache-Control": "no-cache"} if fresh else None
+        url: str | None = f"{self.base_url}/{resource_type}"
+        seen: set[str] = set()
+        first = True
+        while url is not None:
+            if len(seen) >= self.config.max_pages:
+                raise FhirUpstreamError("search returned too many pages", url=url)
+            response = await self.request(
+                "GET", url, params=query if first else None, headers=headers
+            )
+            seen.add(str(response.url))
+            first = False
+            bundle = _resource(response)
+            if bundle.get("resourceType") != "Bundle":
+                raise FhirUpstreamError("search did not return a Bundle", url=str(response.url))
+            for entry in bundle.get("entry") or []:
+                resource = entry.get("resource") if isinstance(entry, dict) else None
+                if isinstance(resource, dict):
+                    mode = (entry.get("search") or {}).get("mode", "match")
+                    yield SearchEntry(resource, str(mode))
+            url = self._next_link(bundle, str(response.url), seen)
+
+    async def fetch_patient(
+        self, patient_id: str, *, since: datetime | None = None
+    ) -> PatientRecord:
+        """A patient's Patient resource and clinical resources, for ``build_timeline``.
+
+        With ``since`` only resources updated after that instant are fetched (the Patient is
+        always read), which is how the service extends a cached timeline.
+        """
+        patient = await self.read("Patient", patient_id)
+        searches = [self._patient_search(t, patient_id, since) for t in CLINICAL_TYPES]
+        results = await asyncio.gather(*searches)
+        resources: list[JsonObject] = []
+        medications: dict[str, JsonObject] = {}
+        for entries in results:
+            for entry in entries:
+                resource = entry.resource
+                if resource.get("resourceType") == "Medication":
+                    medications[f"Medication/{resource.get('id')}"] = resource
+                elif entry.mode == "match":
+                    resources.append(resource)
+        return PatientRecord(
+            patient_id=patient_id,
+            patient=patient,
+            resources=resources,
+            source=self.base_url,
+            medications=medications,
+        )
+
+    async def _patient_search(
+        self, resource_type: str, patient_id: str, since: datetime | None
+    ) -> list[SearchEntry]:
+        params = {"patient": patient_id}
+        if since is not None:
+            params["_lastUpdated"] = "gt" + since.astimezone(UTC).isoformat().replace(
+                "+00:00", "Z"
+            )
+        if resource_type in _MEDICATION_TYPES:
+            params["_include"] = f"{resource_type}:medication"
+        return [entry async for entry in self.search(resource_type, params, fresh=True)]
+
+    # --- writes ----------------------------------------------------------------------------
+
+    async def transaction(self, bundle: JsonObject) -> JsonObject:
+        """POST a transaction or batch Bundle to the base URL; returns the response Bundle."""
+        response = await self.request("POST", self.base_url, json=bundle)
+        return _resource(response)
+
+    async def download(
+        self,
+        url: str,
+        target: Path,
+        *,
+        authorised: bool,
+        headers: Mapping[str, str] | None = None,
+    ) -> int:
+        """Stream ``url`` to ``target`` without holding it in memory; returns bytes written.
+
+        Credentials are sent only when ``authorised`` (a Bulk manifest's
+        ``requiresAccessToken``), so a token never reaches a storage host that did not ask.
+        """
+        send = dict(headers or {})
+        if authorised:
+            send.update(await self.config.auth.headers(self._http))
+        written = 0
+        try:
+            async with self._http.stream("GET", url, headers=send) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise _error_for(response)
+                with target.open("wb") as sink:
+                    async for chunk in response.aiter_bytes():
+                        sink.write(chunk)
+                        written += len(chunk)
+        except httpx.TimeoutException as exc:
+            raise FhirTimeout(f"download timed out: {exc!r}", url=url) from exc
+        except httpx.TransportError as exc:
+            raise FhirUnavailable(f"download failed: {exc!r}", url=url) from exc
+        return written
+
+    # --- the one place requests are sent ---------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        json: JsonObject | None = None,
+        expect: frozenset[int] = frozenset({200, 201}),
+    ) -> httpx.Response:
+        """Send with auth, retries and error mapping; returns a response whose status is in
+        ``expect``. Relative ``url`` values are taken against the base URL."""
+        target = url if "://" in url else f"{self.base_url}/{url.lstrip('/')}"
+        send_headers = dict(headers or {})
+        if json is not None:
+            send_headers["Content-Type"] = FHIR_JSON
+        reauthorised = False
+        attempt = 0
+        while True:
+            auth_headers = await self.config.auth.headers(self._http)
+            try:
+                response = await self._http.request(
+                    method, target, params=params, json=json,
+                    headers={**send_headers, **auth_headers},
+                )
+            except httpx.TimeoutException as exc:
+                if isinstance(exc, httpx.ConnectTimeout) and attempt < self.config.max_retries:
+                    attempt += 1
+                    await asyncio.sleep(self._backoff(attempt, None))
+                    continue
+                raise FhirTimeout(f"no answer within the timeout: {exc!r}", url=target) from exc
+            except httpx.TransportError as exc:
+                if attempt < self.config.max_retries:
+                    attempt += 1
+                    await asyncio.sleep(self._backoff(attempt, None))
+                    continue
+                raise FhirUnavailable(f"server unreachable: {exc!r}", url=target) from exc
+            status = response.status_code
+            if status in expect:
+                return response
+            if status == 401 and not reauthorised:
+                reauthorised = True
+                self.config.auth.invalidate()
+                continue
+            retryable = status == 429 or (status in _RETRY_STATUSES and method == "GET")
+            if retryable and attempt < self.config.max_retries:
+                attempt += 1
+                await asyncio.sleep(self._backoff(attempt, response.headers.get("Retry-After")))
+                continue
+            raise _error_for(response)
+
+    def _backoff(self, attempt: int, retry_after: str | None) -> float:
+        """Seconds to wait: the server's ``Retry-After`` if given, else jittered doubling."""
+        wait = _parse_retry_after(retry_after)
+        if wait is None:
+            wait = self.config.backoff_base * 2 ** (attempt - 1) * (0.5 + random.random())
+        return min(max(wait, 0.0), self.config.backoff_max)
+
+    def _next_link(self, bundle: JsonObject, current: str, seen: set[str]) -> str | None:
+        for link in bundle.get("link") or []:
+            if isinstance(link, dict) and link.get("relation") == "next":
+                url = urljoin(current, str(link.get("url", "")))
+                if origin(url) != self._base_origin:
+                    raise FhirUpstreamError(
+                        "next link points outside the FHIR server", url=url
+                    )
+                if url in seen:
+                    raise FhirUpstreamError("search paging loops back on itself", url=url)
+                return url
+        return None
+
+
+def origin(url: str) -> tuple[str, str]:
+    """(scheme, host:port) of a URL, lower-cased: what counts as 'the same server'."""
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp() - time.time()
+
+
+def _resource(response: httpx.Response) -> JsonObject:
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise FhirUpstreamError(
+            "server sent a body that is not JSON", url=str(response.url),
+            status=response.status_code,
+        ) from exc
+    if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):
+        raise FhirUpstreamError(
+            "server sent JSON that is not a FHIR resource", url=str(response.url),
+            status=response.status_code,
+        )
+    return body
+
+
+def _error_for(response: httpx.Response) -> FhirError:
+    status = response.status_code
+    outcome: dict[str, Any] | None = None
+    try:
+        body = response.json()
+        if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
+            outcome = body
+    except ValueError:
+        pass
+    detail = _diagnostics(outcome) or response.reason_phrase
+    kwargs: dict[str, Any] = {"url": str(response.url), "status": status, "outcome": outcome}
+    if status in (404, 410):
+        return FhirNotFound(f"not found: {detail}", **kwargs)
+    if status in (401, 403):
+        return FhirUnauthorized(f"not authorised: {detail}", **kwargs)
+    return FhirUpstreamError(f"FHIR server error: {detail}", **kwargs)
+
+
+def _diagnostics(outcome: dict[str, Any] | None) -> str | None:
+    if not outcome:
+        return None
+    texts = [
+        str(issue.get("diagnostics") or (issue.get("details") or {}).get("text") or "")
+        for issue in outcome.get("issue") or []
+        if isinstance(issue, dict)
+    ]
+    return "; ".join(t for t in texts if t) or None
