@@ -78,7 +78,10 @@ class BulkExportClient:
         if since is not None:
             params["_since"] = since.astimezone(UTC).isoformat().replace("+00:00", "Z")
         response = await self.client.request(
-            "GET", path, params=params, headers={"Prefer": "respond-async"},
+            "GET",
+            path,
+            params=params,
+            headers={"Prefer": "respond-async"},
             expect=frozenset({202}),
         )
         location = response.headers.get("Content-Location")
@@ -93,9 +96,7 @@ class BulkExportClient:
         deadline = time.monotonic() + timeout
         delay = self.poll_interval
         while True:
-            response = await self.client.request(
-                "GET", status_url, expect=frozenset({200, 202})
-            )
+            response = await self.client.request("GET", status_url, expect=frozenset({200, 202}))
             if response.status_code == 200:
                 return _manifest(response.json())
             retry_after = response.headers.get("Retry-After", "")
@@ -145,8 +146,7 @@ class BulkExportClient:
         if with_token and origin(url) != origin(self.client.base_url):
             # A token for the FHIR server must not travel to another host.
             raise FhirUpstreamError("export file is on another origin than the server", url=url)
-        await self.client.download(url, target, authorised=with_token,
-                                   headers={"Accept": _NDJSON})
+        await self.client.download(url, target, authorised=with_token, headers={"Accept": _NDJSON})
 
 
 def _manifest(doc: Any) -> ExportManifest:

@@ -172,9 +172,7 @@ class FhirClient:
     ) -> list[SearchEntry]:
         params = {"patient": patient_id}
         if since is not None:
-            params["_lastUpdated"] = "gt" + since.astimezone(UTC).isoformat().replace(
-                "+00:00", "Z"
-            )
+            params["_lastUpdated"] = "gt" + since.astimezone(UTC).isoformat().replace("+00:00", "Z")
         if resource_type in _MEDICATION_TYPES:
             params["_include"] = f"{resource_type}:medication"
         return [entry async for entry in self.search(resource_type, params, fresh=True)]
@@ -242,7 +240,10 @@ class FhirClient:
             auth_headers = await self.config.auth.headers(self._http)
             try:
                 response = await self._http.request(
-                    method, target, params=params, json=json,
+                    method,
+                    target,
+                    params=params,
+                    json=json,
                     headers={**send_headers, **auth_headers},
                 )
             except httpx.TimeoutException as exc:
@@ -283,9 +284,7 @@ class FhirClient:
             if isinstance(link, dict) and link.get("relation") == "next":
                 url = urljoin(current, str(link.get("url", "")))
                 if origin(url) != self._base_origin:
-                    raise FhirUpstreamError(
-                        "next link points outside the FHIR server", url=url
-                    )
+                    raise FhirUpstreamError("next link points outside the FHIR server", url=url)
                 if url in seen:
                     raise FhirUpstreamError("search paging loops back on itself", url=url)
                 return url
@@ -318,12 +317,14 @@ def _resource(response: httpx.Response) -> JsonObject:
         body = response.json()
     except ValueError as exc:
         raise FhirUpstreamError(
-            "server sent a body that is not JSON", url=str(response.url),
+            "server sent a body that is not JSON",
+            url=str(response.url),
             status=response.status_code,
         ) from exc
     if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):
         raise FhirUpstreamError(
-            "server sent JSON that is not a FHIR resource", url=str(response.url),
+            "server sent JSON that is not a FHIR resource",
+            url=str(response.url),
             status=response.status_code,
         )
     return body

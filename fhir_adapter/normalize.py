@@ -152,8 +152,9 @@ def build_timeline(record: PatientRecord) -> Timeline:
             )
     events.sort(key=lambda e: (e.time, _KIND_ORDER[e.kind], e.code, e.value or 0.0))
     conditions.sort(key=lambda c: (c.time, c.code))
-    return Timeline(patient=patient, visits=visits, events=events, conditions=conditions,
-                    source=facts)
+    return Timeline(
+        patient=patient, visits=visits, events=events, conditions=conditions, source=facts
+    )
 
 
 # --- patient and encounters -------------------------------------------------------------
@@ -248,10 +249,12 @@ def _attach(
 def _procedure(resource: JsonObject, _: dict[str, JsonObject]) -> Iterator[_Pending]:
     _check_status(resource, "Procedure")
     code = _code(resource.get("code"), PROCEDURE_SYSTEMS)
-    time = _first_time(resource, ("performedDateTime", "performedPeriod.start",
-                                  "performedPeriod.end"))
-    yield _Pending("Procedure", time, _encounter_ref(resource, "encounter"), EventKind.PROCEDURE,
-                   code)
+    time = _first_time(
+        resource, ("performedDateTime", "performedPeriod.start", "performedPeriod.end")
+    )
+    yield _Pending(
+        "Procedure", time, _encounter_ref(resource, "encounter"), EventKind.PROCEDURE, code
+    )
 
 
 def _medication(resource: JsonObject, medications: dict[str, JsonObject]) -> Iterator[_Pending]:
@@ -289,8 +292,9 @@ def _observation(resource: JsonObject, _: dict[str, JsonObject]) -> Iterator[_Pe
     _check_status(resource, "Observation")
     if not _observation_used(resource):
         raise _Drop("category")
-    time = _first_time(resource, ("effectiveDateTime", "effectiveInstant",
-                                  "effectivePeriod.start", "issued"))
+    time = _first_time(
+        resource, ("effectiveDateTime", "effectiveInstant", "effectivePeriod.start", "issued")
+    )
     encounter = _encounter_ref(resource, "encounter")
     components = _dicts(resource.get("component"))
     if "valueQuantity" not in resource and components:

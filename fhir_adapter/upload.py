@@ -34,8 +34,11 @@ def put_transactions(resources: Iterable[JsonObject], size: int = 500) -> Iterat
 
 async def upload_record(client: FhirClient, record: PatientRecord, size: int = 500) -> int:
     """PUT a patient's resources (Patient first, then referenced Medications); returns count."""
-    resources = [*([record.patient] if record.patient else []),
-                 *record.medications.values(), *record.resources]
+    resources = [
+        *([record.patient] if record.patient else []),
+        *record.medications.values(),
+        *record.resources,
+    ]
     for bundle in put_transactions(resources, size):
         await client.transaction(bundle)
     return len(resources)
