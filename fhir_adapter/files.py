@@ -16,6 +16,7 @@ import json
 import sqlite3
 import tarfile
 import tempfile
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -136,19 +137,26 @@ class ExportReader:
 
     def _folder(self, folder: Path) -> Iterator[JsonObject]:
         manifest = folder / "manifest.json"
-        if manifest.is_file():
-            names = _manifest_files(manifest)
-            files = [folder / name for name in names]
-        else:
+        names = _manifest_files(manifest) if manifest.is_file() else None
+        if names is None:
             files = sorted(p for p in folder.rglob("*") if p.is_file())
+        else:
+            files = [folder / name for name in names]
         for path in files:
-            if path.name.endswith(_TAR_SUFFIXES):
+            if not path.is_file():
+                # Listed in the manifest but never downloaded: the export is incomplete.
+                self.stats.dropped["source:missing_file"] += 1
+                self.stats.skipped_files.append(path.name)
+            elif path.name.endswith(_TAR_SUFFIXES):
                 yield from self._tar(path)
             else:
                 with path.open("rb") as raw:
                     yield from self._file(path.name, raw)
 
     def _tar(self, path: Path) -> Iterator[JsonObject]:
+        yield from self._guarded(path.name, self._tar_members(path))
+
+    def _tar_members(self, path: Path) -> Iterator[JsonObject]:
         with tarfile.open(path, mode="r|*") as archive:
             for member in archive:
                 if not member.isfile():
@@ -156,6 +164,17 @@ class ExportReader:
                 raw = archive.extractfile(member)
                 if raw is not None:
                     yield from self._file(Path(member.name).name, raw)
+
+    def _guarded(self, name: str, items: Iterator[JsonObject]) -> Iterator[JsonObject]:
+        """Yield from ``items``; a corrupt or truncated archive is counted, not raised.
+
+        What was read before the damage is kept: those resources are intact.
+        """
+        try:
+            yield from items
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            self.stats.dropped["source:corrupt_file"] += 1
+            self.stats.skipped_files.append(f"{name} ({type(exc).__name__})")
 
     def _file(self, name: str, raw: IO[bytes]) -> Iterator[JsonObject]:
         if name in _IGNORED_NAMES:
@@ -167,14 +186,20 @@ class ExportReader:
             if _is_resource_type(rtype) and rtype not in READ_TYPES:
                 # Bulk export files are named after their type: skip unread types unparsed
                 # (counting the decompressed lines, not the lines of the gzip bytes).
-                self.stats.skipped_types[rtype] += sum(1 for line in stream if line.strip())
+                yield from self._guarded(name, self._count_skipped(rtype, stream))
                 return
-            yield from self._ndjson(stream)
+            yield from self._guarded(name, self._ndjson(stream))
         elif name.endswith(".json"):
             self.stats.files += 1
             yield from self._json(name, raw.read())
         else:
             self.stats.skipped_files.append(name)
+
+    def _count_skipped(self, rtype: str, stream: Iterable[bytes]) -> Iterator[JsonObject]:
+        for line in stream:
+            if line.strip():
+                self.stats.skipped_types[rtype] += 1
+        yield from ()
 
     def _ndjson(self, stream: Iterable[bytes]) -> Iterator[JsonObject]:
         for line in stream:
@@ -222,7 +247,8 @@ def bundle_resources(bundle: JsonObject) -> list[JsonObject]:
     Entries without an id take the uuid of their ``urn:uuid`` fullUrl, which is how
     a server would see them after a transaction assigns that id.
     """
-    entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
+    listed = bundle.get("entry")
+    entries = [e for e in listed if isinstance(e, dict)] if isinstance(listed, list) else []
     full_urls: dict[str, str] = {}
     resources: list[JsonObject] = []
     for entry in entries:
@@ -240,11 +266,22 @@ def bundle_resources(bundle: JsonObject) -> list[JsonObject]:
     return [rewrite_references(r, full_urls) for r in resources]
 
 
-def _manifest_files(manifest: Path) -> list[str]:
-    """Local file names of a Bulk Data manifest's outputs (URLs reduced to their last part)."""
-    doc = json.loads(manifest.read_text())
+def _manifest_files(manifest: Path) -> list[str] | None:
+    """Local file names of a Bulk Data manifest's outputs (URLs reduced to their last part).
+
+    None when the manifest is unreadable: the folder is then read as a plain folder.
+    """
+    try:
+        doc = json.loads(manifest.read_bytes())
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
     names: list[str] = []
-    for output in doc.get("output") or []:
+    outputs = doc.get("output")
+    if not isinstance(outputs, list):
+        return None
+    for output in outputs:
         url = output.get("url") if isinstance(output, dict) else None
         if isinstance(url, str) and url:
             names.append(url.rstrip("/").rsplit("/", 1)[-1])

@@ -61,7 +61,9 @@ _VOID_STATUSES: dict[str, frozenset[str]] = {
     "MedicationAdministration": frozenset({"entered-in-error", "not-done"}),
     "Observation": frozenset({"entered-in-error", "cancelled", "registered"}),
 }
-_USED_OBSERVATION_CATEGORIES = {"laboratory", "vital-signs"}
+# FHIR observation-category codes, plus HL7 v2-0074 ``LAB`` (diagnostic service section),
+# which some exporters put on lab results instead.
+_USED_OBSERVATION_CATEGORIES = {"laboratory", "vital-signs", "lab"}
 _MAX_UNIT_LENGTH = 64
 
 
@@ -316,7 +318,7 @@ def _observation_used(resource: JsonObject) -> bool:
     if not isinstance(categories, list) or not categories:
         return True
     codes = set().union(*(_coding_codes(concept) for concept in categories))
-    return bool(codes & _USED_OBSERVATION_CATEGORIES)
+    return any(code.lower() in _USED_OBSERVATION_CATEGORIES for code in codes)
 
 
 def _quantity(holder: JsonObject) -> tuple[float | None, str | None]:
