@@ -14,8 +14,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from fhir_adapter.auth import BearerToken, SmartBackendAuth
+from fhir_adapter.bulk import BulkExportClient
 from fhir_adapter.client import FhirClient, FhirClientConfig
 from fhir_adapter.errors import FhirUnauthorized
+from fhir_adapter.files import ExportReader
 from fhir_adapter.upload import upload_record
 from tests.conftest import LoadedServer
 from tests.support.faults import FaultTransport
@@ -135,18 +137,22 @@ async def test_client_assertion_follows_the_spec(seeded: SmartServer) -> None:
 def test_only_rs384_and_es384_are_allowed() -> None:
     with pytest.raises(ValueError, match="RS384 or ES384"):
         SmartBackendAuth(
-            client_id="c", private_key_pem="k", fhir_base_url="http://x", algorithm="HS256"
-        )  # type: ignore[arg-type]
+            client_id="c",
+            private_key_pem="k",
+            fhir_base_url="http://x",
+            algorithm="HS256",  # type: ignore[arg-type]
+        )
 
 
 async def test_a_401_fetches_a_fresh_token_once(seeded: SmartServer) -> None:
+    rejected: list[httpx.Request] = []
+
     def reject_first_fhir_call(request: httpx.Request, n: int) -> httpx.Response | None:
-        if request.url.path.startswith("/fhir/Patient") and not reject_first_fhir_call.done:
-            reject_first_fhir_call.done = True  # type: ignore[attr-defined]
+        if request.url.path.startswith("/fhir/Patient") and not rejected:
+            rejected.append(request)
             return httpx.Response(401, json={"resourceType": "OperationOutcome", "issue": []})
         return None
 
-    reject_first_fhir_call.done = False  # type: ignore[attr-defined]
     transport = FaultTransport(reject_first_fhir_call)
     auth = seeded.smart("ec-client", seeded.ec_pem, "ES384")
     config = FhirClientConfig(base_url=seeded.server.base_url, auth=auth)
@@ -189,3 +195,16 @@ async def test_static_bearer_token(seeded: SmartServer) -> None:
     async with FhirClient(bad) as client:
         with pytest.raises(FhirUnauthorized):
             await client.read("Patient", seeded.patient_id)
+
+
+async def test_bulk_export_downloads_with_the_token_when_required(
+    seeded: SmartServer, tmp_path: Path
+) -> None:
+    auth = seeded.smart("ec-client", seeded.ec_pem, "ES384")
+    config = FhirClientConfig(base_url=seeded.server.base_url, auth=auth)
+    async with FhirClient(config) as client:
+        bulk = BulkExportClient(client, poll_interval=0.2)
+        manifest = await bulk.export(tmp_path / "export", "patient", types=("Patient",))
+    assert manifest.requires_access_token
+    records = list(ExportReader(tmp_path / "export").records())
+    assert [r.patient_id for r in records] == [seeded.patient_id]
