@@ -8,10 +8,20 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from fhir_adapter.summary import SourceSummary, summarize
+from training.dataset import BuildConfig, build_dataset
+from training.report import cohort_table
 
 app = typer.Typer(help="Inspect FHIR export files and bundles.", no_args_is_help=True)
 
@@ -52,6 +62,39 @@ def inspect(
             print(json.dumps(summary.to_json(), sort_keys=True), flush=True)
         else:
             out.print(_table(summary))
+
+
+@app.command()
+def build(
+    sources: Annotated[
+        list[Path], typer.Argument(help="FHIR sources: export folders, NDJSON, bundles, tars.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Dataset folder (created; resumable).")],
+    min_count: Annotated[int, typer.Option(help="Keep codes seen this often in training.")] = 5,
+    workers: Annotated[int, typer.Option(help="Processes; each takes a patient partition.")] = 2,
+) -> None:
+    """Build token datasets and task labels: splits, lab bins, vocabulary, Parquet files."""
+    missing = [p for p in sources if not p.exists()]
+    if missing:
+        Console(stderr=True).print(f"[red]not found:[/red] {', '.join(map(str, missing))}")
+        raise typer.Exit(2)
+    config = BuildConfig(sources=tuple(sources), out=out, min_count=min_count, workers=workers)
+    with Progress(
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    ) as progress:
+        bars: dict[str, TaskID] = {}
+
+        def advance(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                bars[stage] = progress.add_task(stage, total=total)
+            progress.update(bars[stage], completed=done)
+
+        cohort = build_dataset(config, advance)
+    Console(width=max(Console().width, 120)).print(cohort_table(cohort))
 
 
 def _table(summary: SourceSummary) -> Table:

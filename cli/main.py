@@ -11,5 +11,6 @@ app = typer.Typer(
     help="EHRMamba over FHIR: read data, train, evaluate, export and serve.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals can hold credentials
 )
 app.add_typer(data.app, name="data")

@@ -12,6 +12,7 @@ time however large the export is.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import sqlite3
 import tarfile
@@ -22,6 +23,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+import orjson
 
 from fhir_adapter.record import READ_TYPES, JsonObject, PatientRecord
 from fhir_adapter.references import patient_id_of, rewrite_references
@@ -47,17 +50,36 @@ class ReadStats:
     dropped: Counter[str] = field(default_factory=Counter)
 
 
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """Patients whose id hashes to ``index`` of ``count``: lets workers share one source."""
+
+    index: int
+    count: int
+
+    def __contains__(self, patient_id: str) -> bool:
+        digest = hashlib.blake2b(patient_id.encode("utf-8", "surrogatepass"), digest_size=8)
+        return int.from_bytes(digest.digest(), "big") % self.count == self.index
+
+
 class ExportReader:
     """Iterate the patient records in one file source.
 
     >>> reader = ExportReader(Path("export/"))
     >>> for record in reader.records(): ...
     >>> reader.stats.dropped
+
+    With a ``partition`` only that partition's patients are assembled. Every partition
+    still reads the whole source, so source-level counts (malformed lines, skipped types,
+    resources without a subject) are the same in each; only ``no_patient`` differs.
     """
 
-    def __init__(self, path: Path, label: str | None = None) -> None:
+    def __init__(
+        self, path: Path, label: str | None = None, partition: Partition | None = None
+    ) -> None:
         self.path = path
         self.label = label or str(path)
+        self.partition = partition
         self.stats = ReadStats()
 
     def records(self) -> Iterator[PatientRecord]:
@@ -65,7 +87,7 @@ class ExportReader:
         with tempfile.TemporaryDirectory(prefix="ehrmamba-group-") as tmp:
             db = sqlite3.connect(Path(tmp) / "group.sqlite")
             try:
-                db.execute("CREATE TABLE res (pid TEXT, type TEXT, body TEXT)")
+                db.execute("CREATE TABLE res (pid TEXT, type TEXT, body BLOB)")
                 medications = self._spill(db)
                 db.execute("CREATE INDEX res_pid ON res (pid)")
                 yield from self._assemble(db, medications)
@@ -74,7 +96,7 @@ class ExportReader:
 
     def _spill(self, db: sqlite3.Connection) -> dict[str, JsonObject]:
         medications: dict[str, JsonObject] = {}
-        batch: list[tuple[str, str, str]] = []
+        batch: list[tuple[str, str, bytes]] = []
         for resource in self.resources():
             rtype = resource["resourceType"]
             if rtype == "Medication":
@@ -85,7 +107,9 @@ class ExportReader:
             if pid is None:
                 self.stats.dropped[f"{rtype}:no_subject"] += 1
                 continue
-            batch.append((pid, rtype, json.dumps(resource)))
+            if self.partition is not None and pid not in self.partition:
+                continue
+            batch.append((pid, rtype, orjson.dumps(resource)))
             if len(batch) >= _BATCH:
                 db.executemany("INSERT INTO res VALUES (?, ?, ?)", batch)
                 batch.clear()
@@ -101,7 +125,7 @@ class ExportReader:
                 if current is not None:
                     yield from self._complete(current)
                 current = PatientRecord(pid, None, [], self.label, medications)
-            resource = json.loads(body)
+            resource = orjson.loads(body)
             if rtype == "Patient":
                 if current.patient is not None:
                     current.dropped["Patient:duplicate"] += 1
@@ -206,7 +230,7 @@ class ExportReader:
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
+                item = orjson.loads(line)
             except (ValueError, RecursionError):  # RecursionError: nested too deep to read
                 self.stats.dropped["source:malformed_json"] += 1
                 continue
@@ -214,7 +238,7 @@ class ExportReader:
 
     def _json(self, name: str, data: bytes) -> Iterator[JsonObject]:
         try:
-            item = json.loads(data)
+            item = orjson.loads(data)
         except (ValueError, RecursionError):  # RecursionError: nested too deep to read
             self.stats.dropped["source:malformed_json"] += 1
             return

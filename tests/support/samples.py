@@ -23,6 +23,11 @@ def require_shared_data() -> None:
 
 def synthea_records(folder: Path, count: int) -> list[PatientRecord]:
     """The first ``count`` patient bundles of the Synthea archive, extracted into ``folder``."""
+    return list(ExportReader(extract_synthea(folder, count)).records())
+
+
+def extract_synthea(folder: Path, count: int) -> Path:
+    """Extract the first ``count`` patient bundles of the Synthea archive into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     with tarfile.open(SYNTHEA, mode="r|gz") as archive:
         taken = 0
@@ -36,7 +41,7 @@ def synthea_records(folder: Path, count: int) -> list[PatientRecord]:
                 taken += 1
             if taken == count:
                 break
-    return list(ExportReader(folder).records())
+    return folder
 
 
 @cache
