@@ -7,7 +7,7 @@ Each sample says where its input ends (``cut``): the model sees only what was kn
 |---|---|---|---|
 | mortality | last index visit | its end | death in [start, end + 32 d] |
 | length_of_stay | index visits >= 24 h | start + 24 h | the stay lasts > 7 days |
-| readmission | every index visit | its end | inpatient/emergency visit starts in (end, end + 30 d] |
+| readmission | every index visit | its end | inpatient or ED visit starts in (end, end + 30 d] |
 | conditions | one per patient | end of record | a Condition in the task's code set |
 
 Exclusions, each counted as ``task:reason`` rather than guessed:
