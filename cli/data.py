@@ -21,7 +21,7 @@ from rich.table import Table
 
 from fhir_adapter.summary import SourceSummary, summarize
 from training.dataset import BuildConfig, build_dataset
-from training.report import cohort_table
+from training.report import cohort_markdown, cohort_table
 
 app = typer.Typer(help="Inspect FHIR export files and bundles.", no_args_is_help=True)
 
@@ -95,6 +95,19 @@ def build(
 
         cohort = build_dataset(config, advance)
     Console(width=max(Console().width, 120)).print(cohort_table(cohort))
+
+
+@app.command()
+def report(
+    datasets: Annotated[list[Path], typer.Argument(help="Dataset folders made by `build`.")],
+) -> None:
+    """Print each dataset's cohort tables (splits, tasks, exclusions) as Markdown."""
+    for folder in datasets:
+        path = folder / "cohort.json"
+        if not path.is_file():
+            Console(stderr=True).print(f"[red]no cohort.json in[/red] {folder}")
+            raise typer.Exit(2)
+        print(cohort_markdown(json.loads(path.read_text())))
 
 
 def _table(summary: SourceSummary) -> Table:

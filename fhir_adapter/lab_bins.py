@@ -22,35 +22,34 @@ _QUANTILES = (0.2, 0.4, 0.6, 0.8)
 _FORMAT = "ehrmamba-lab-bins/1"
 
 
-def _key(code: str, unit: str | None) -> str:
-    return f"{code} {unit or ''}"
+Cuts = dict[str, dict[str, list[float]]]  # code -> unit ("" when none) -> four cut points
 
 
 class LabBins:
     """Cut points per (code, unit). Build with :meth:`fit` or :meth:`load`."""
 
-    def __init__(self, cuts: dict[str, list[float]], min_values: int) -> None:
+    def __init__(self, cuts: Cuts, min_values: int) -> None:
         self.cuts = cuts
         self.min_values = min_values
 
     @classmethod
     def fit(cls, values: Iterable[tuple[str, str | None, float]], min_values: int = 10) -> LabBins:
         """Fit on ``(code, unit, value)`` triples from the training split."""
-        grouped: dict[str, list[float]] = {}
+        grouped: dict[tuple[str, str], list[float]] = {}
         for code, unit, value in values:
-            grouped.setdefault(_key(code, unit), []).append(value)
-        cuts = {
-            key: [float(q) for q in np.quantile(np.asarray(vals), _QUANTILES)]
-            for key, vals in sorted(grouped.items())
-            if len(vals) >= min_values
-        }
+            grouped.setdefault((code, unit or ""), []).append(value)
+        cuts: Cuts = {}
+        for (code, unit), vals in sorted(grouped.items()):
+            if len(vals) >= min_values:
+                quantiles = np.quantile(np.asarray(vals), _QUANTILES)
+                cuts.setdefault(code, {})[unit] = [float(q) for q in quantiles]
         return cls(cuts, min_values)
 
     def bin(self, code: str, unit: str | None, value: float | None) -> int | None:
         """The bin of a value, or None when it cannot be binned (no value, no fit)."""
         if value is None:
             return None
-        cuts = self.cuts.get(_key(code, unit))
+        cuts = self.cuts.get(code, {}).get(unit or "")
         if cuts is None:
             return None
         return bisect.bisect_right(cuts, value)
@@ -72,8 +71,10 @@ class LabBins:
     @classmethod
     def load(cls, path: Path) -> LabBins:
         doc = json.loads(path.read_text())
-        if doc.get("format") != _FORMAT:
+        if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
             raise ValueError(f"{path}: not a lab-bins file of format {_FORMAT}")
-        return cls(
-            {k: [float(x) for x in v] for k, v in doc["cuts"].items()}, int(doc["min_values"])
-        )
+        cuts = {
+            code: {unit: [float(x) for x in points] for unit, points in units.items()}
+            for code, units in doc["cuts"].items()
+        }
+        return cls(cuts, int(doc["min_values"]))

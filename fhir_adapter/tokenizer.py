@@ -34,7 +34,7 @@ _EVENT_TYPES = {
     EventKind.MEDICATION: TokenType.MEDICATION,
     EventKind.LAB: TokenType.LAB,
 }
-_BETWEEN_VISITS = (TokenType.SPECIAL, TokenType.INTERVAL)
+_CLOSING = (TokenType.VISIT_END, TokenType.REGISTER)
 
 
 def interval_token(days: int) -> str:
@@ -172,13 +172,23 @@ def _arrays(rows: Sequence[_Row], vocab: Vocabulary, birth: date) -> TokenSequen
 
 def truncate(seq: TokenSequence, max_length: int) -> TokenSequence:
     """Keep the most recent tokens, re-prepending ``[CLS]`` (and ``[VS]`` when the window
-    starts inside a visit) so a truncated input reads like a whole one."""
+    starts inside a visit) so a truncated input reads like a whole one.
+
+    A window that would start on a visit's closing ``[VE] [REG]`` starts after them
+    instead (those tokens mean nothing without their visit), so the result can be one or
+    two tokens shorter than ``max_length``.
+    """
     if max_length < 3:
         raise ValueError("max_length must leave room for [CLS], [VS] and one token")
     n = len(seq)
     if n <= max_length:
         return seq
     start = n - (max_length - 1)
+    after_closing = start
+    while after_closing < n and seq.type[after_closing] in _CLOSING:
+        after_closing += 1
+    if after_closing < n:
+        start = after_closing
     head = [0]  # [CLS] copied from position 0
     if seq.segment[start] != 0 and seq.type[start] != TokenType.VISIT_START:
         start += 1

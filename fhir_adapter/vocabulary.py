@@ -93,7 +93,7 @@ class Vocabulary:
     def load(cls, path: Path) -> Vocabulary:
         """Load and check that the reserved tokens are where this code expects them."""
         doc = json.loads(path.read_text())
-        if doc.get("format") != _FORMAT:
+        if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
             raise ValueError(f"{path}: not a vocabulary file of format {_FORMAT}")
         vocab = cls(doc["tokens"][cls._reserved_count() :], int(doc["min_count"]))
         if list(vocab.tokens) != doc["tokens"]:

@@ -401,7 +401,7 @@ def _cohort(config: BuildConfig, jobs: list[_Job], out: Path) -> dict[str, Any]:
         "dropped": dict(sorted(dropped.items())),
         "skipped_types": dict(sorted(skipped.items())),
         "vocabulary_size": len(Vocabulary.load(out / "vocab.json")),
-        "lab_bins": len(LabBins.load(out / "lab_bins.json").cuts),
+        "lab_bins": sum(len(u) for u in LabBins.load(out / "lab_bins.json").cuts.values()),
     }
 
 

@@ -18,6 +18,8 @@ Exclusions, each counted as ``task:reason`` rather than guessed:
 - ``not_observed``: no death and no (re)admission, but the data ends before the window
   does (32 days for mortality, 30 for readmission), so the outcome is unknown. The data
   ends at ``observation_end``, the newest timestamp in the source.
+- ``death_before_stay``: mortality only; the record says the patient died before the stay
+  began, which contradicts itself.
 - ``died_before_window``: readmission only; death within 30 days without a visit first
   means readmission was never observable.
 - ``no_index_visit``, ``no_visits``: nothing to predict on.
@@ -101,6 +103,9 @@ def _mortality(
     patient = timeline.patient
     if patient.deceased and patient.deceased_at is None:
         excluded[f"{task.value}:death_time_unknown"] += 1
+        return
+    if patient.deceased_at is not None and patient.deceased_at < visit.start:
+        excluded[f"{task.value}:death_before_stay"] += 1  # contradictory record
         return
     window_end = visit.end + MORTALITY_WINDOW
     died = patient.deceased_at is not None and visit.start <= patient.deceased_at <= window_end

@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
+from model.tasks import Task
 from training.splits import SPLITS
 
 
@@ -17,8 +18,8 @@ def cohort_table(cohort: dict[str, Any]) -> Table:
         table.add_column(split, justify="right")
     for key in ("patients", "visits", "tokens"):
         table.add_row(key, *(f"{cohort['splits'][s][key]:,}" for s in SPLITS))
-    for task, per_split in cohort["tasks"].items():
-        table.add_row(task, *(_short(per_split[s]) for s in SPLITS))
+    for task in _tasks(cohort):
+        table.add_row(task, *(_short(cohort["tasks"][task][s]) for s in SPLITS))
     table.caption = "tasks: samples / positives (rate)"
     return table
 
@@ -31,12 +32,28 @@ def cohort_markdown(cohort: dict[str, Any]) -> str:
         for key in ("patients", "visits", "tokens")
     ]
     tasks = [
-        f"| {task} | " + " | ".join(_rate(per_split[s]) for s in SPLITS) + " |"
-        for task, per_split in cohort["tasks"].items()
+        f"| {task} | " + " | ".join(_rate(cohort["tasks"][task][s]) for s in SPLITS) + " |"
+        for task in _tasks(cohort)
     ]
     task_head = "| task: samples (patients), positives | " + " | ".join(SPLITS) + " |\n"
     task_head += "|---|" + "---:|" * len(SPLITS) + "\n"
-    return head + "\n".join(rows) + "\n\n" + task_head + "\n".join(tasks) + "\n"
+    excluded = "| excluded (task:reason) | samples |\n|---|---:|\n" + "\n".join(
+        f"| `{key}` | {count:,} |" for key, count in cohort["excluded"].items()
+    )
+    title = "Sources: " + ", ".join(f"`{s}`" for s in cohort["sources"])
+    facts = (
+        f"Vocabulary: {cohort['vocabulary_size']:,} tokens; lab bins fitted for "
+        f"{cohort['lab_bins']:,} (code, unit) pairs."
+    )
+    return (
+        "\n\n".join([title, head + "\n".join(rows), task_head + "\n".join(tasks), excluded, facts])
+        + "\n"
+    )
+
+
+def _tasks(cohort: dict[str, Any]) -> list[str]:
+    """Task names in the documented order (cohort.json sorts its keys)."""
+    return [task.value for task in Task if task.value in cohort["tasks"]]
 
 
 def _short(cell: dict[str, int]) -> str:
