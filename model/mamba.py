@@ -1,0 +1,147 @@
+"""A Mamba block written plainly, with ``transformers.MambaModel``'s parameter names.
+
+Shape letters:
+    b  batch      l  sequence length     h  hidden size (model width)
+    d  intermediate size (expand * h)    n  state size     r  time-step rank
+    K  conv kernel width                 k  captured positions per sequence
+
+Block (Mamba paper, figure 3):  out = x + out_proj( SSM(SiLU(conv(in_x))) * SiLU(z) )
+where [in_x, z] = in_proj(RMSNorm(x)), and the SSM's delta, B, C are projections of its
+input (the "selective" part, section 3.2).
+
+Every path can start from a saved state and return the state it ends in, so a sequence can
+be scanned in pieces: the state is the last K-1 conv inputs and the SSM state h.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.scan import fast_scan, reference_scan
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """One block's recurrent state: conv (b, d, K-1) and ssm (b, d, n)."""
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 (as ``MambaRMSNorm``)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class MambaMixer(nn.Module):
+    """The selective SSM with its projections and causal depthwise convolution."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, d, n, r = config.hidden_size, config.intermediate_size, config.state_size, config.dt_rank
+        self.d, self.n, self.r, self.kernel = d, n, r, config.conv_kernel
+        self.in_proj = nn.Linear(h, 2 * d, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(d, d, config.conv_kernel, groups=d, bias=config.use_conv_bias,
+                                padding=config.conv_kernel - 1)  # fmt: skip
+        self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, d, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1).float()).repeat(d, 1))
+        self.D = nn.Parameter(torch.ones(d))
+        self.out_proj = nn.Linear(d, h, bias=config.use_bias)
+        self._init_time_step()
+
+    def _init_time_step(self) -> None:
+        """Mamba's delta initialisation: softplus(dt bias) log-uniform in [1e-3, 1e-1]."""
+        low, high = math.log(1e-3), math.log(1e-1)
+        dt = torch.exp(torch.rand(self.d) * (high - low) + low).clamp(min=1e-4)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            bound = self.r**-0.5
+            self.dt_proj.weight.uniform_(-bound, bound)
+
+    def empty_state(self, batch: int) -> LayerState:
+        return LayerState(torch.zeros(batch, self.d, self.kernel - 1),
+                          torch.zeros(batch, self.d, self.n))  # fmt: skip
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: LayerState | None = None,
+        capture: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, LayerState, LayerState | None]:
+        """x (b, l, h) -> (out (b, l, h), state after the last step, captured states).
+
+        ``capture`` (b, k) asks for the state after position t of each row (-1: none); it
+        gives LayerState(conv (b, k, d, K-1), ssm (b, k, d, n)). Needs no-grad mode.
+        """
+        b = x.shape[0]
+        start = state or self.empty_state(b)
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, d) each
+        conv_in = torch.cat([start.conv.to(xs.dtype), xs.transpose(1, 2)], dim=2)  # (b, d, K-1+l)
+        conv = F.conv1d(conv_in, self.conv1d.weight, self.conv1d.bias, groups=self.d)
+        u = F.silu(conv).transpose(1, 2)  # (b, l, d)
+        dt, B, C = torch.split(self.x_proj(u), [self.r, self.n, self.n], dim=-1)
+        delta = F.softplus(self.dt_proj(dt))  # (b, l, d)
+        A = -torch.exp(self.A_log.float())  # (d, n)
+        captured: LayerState | None = None
+        if torch.is_grad_enabled() or x.device.type != "cpu":
+            if capture is not None:
+                raise ValueError("state capture needs no-grad mode on CPU")
+            y, h = reference_scan(u, delta, A, B, C, self.D, start.ssm)
+        else:
+            y, h, ssm_captured = fast_scan(u, delta, A, B, C, self.D, start.ssm, capture)
+            if capture is not None and ssm_captured is not None:
+                captured = LayerState(_conv_windows(conv_in, capture, self.kernel), ssm_captured)
+        out = self.out_proj((y * F.silu(z)).to(x.dtype))
+        end = LayerState(conv_in[:, :, conv_in.shape[2] - (self.kernel - 1) :], h)
+        return out, end, captured
+
+
+def _conv_windows(conv_in: torch.Tensor, capture: torch.Tensor, kernel: int) -> torch.Tensor:
+    """The conv state after each captured position: the K-1 inputs ending there.
+
+    conv_in (b, d, K-1+l) holds the saved K-1 inputs then the new ones, so the window
+    after position t is conv_in[:, :, t+1 : t+K]. Returns (b, k, d, K-1).
+    """
+    b, k = capture.shape
+    offsets = torch.arange(1, kernel, device=conv_in.device)  # (K-1,)
+    index = capture.clamp(min=0).unsqueeze(-1) + offsets  # (b, k, K-1)
+    gathered = torch.gather(
+        conv_in.unsqueeze(1).expand(b, k, *conv_in.shape[1:]),
+        3,
+        index.unsqueeze(2).expand(b, k, conv_in.shape[1], kernel - 1),
+    )
+    return gathered * (capture >= 0).view(b, k, 1, 1)
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)); the residual is kept in float32."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mixer = MambaMixer(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: LayerState | None = None,
+        capture: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, LayerState, LayerState | None]:
+        out, end, captured = self.mixer(self.norm(x), state, capture)
+        return x.float() + out, end, captured

@@ -1,0 +1,151 @@
+"""Our Mamba against the reference implementation (``transformers.MambaModel``), and our
+execution paths (parallel, step, continue-from-state, captured states) against each other."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import MambaConfig, MambaModel
+
+from model import scan
+from model.config import ModelConfig
+from model.network import EHRMamba, ModelState, TokenBatch
+
+TOL = 2e-5
+VOCAB = 60
+
+
+def _config() -> ModelConfig:
+    return ModelConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, dropout=0.0)
+
+
+def _reference(config: ModelConfig) -> MambaModel:
+    reference = MambaModel(
+        MambaConfig(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+            state_size=config.state_size, num_hidden_layers=config.num_hidden_layers,
+            conv_kernel=config.conv_kernel, expand=config.expand,
+            time_step_rank=config.dt_rank, layer_norm_epsilon=config.layer_norm_epsilon,
+            use_bias=config.use_bias, use_conv_bias=config.use_conv_bias,
+            hidden_act="silu", residual_in_fp32=True,
+        )
+    )  # fmt: skip
+    reference.eval()
+    return reference
+
+
+def _batch(b: int, length: int, seed: int = 0) -> TokenBatch:
+    g = torch.Generator().manual_seed(seed)
+    return TokenBatch(
+        concept=torch.randint(0, VOCAB, (b, length), generator=g),
+        type=torch.randint(0, 10, (b, length), generator=g),
+        age=torch.rand(b, length, generator=g) * 90,
+        time=2800 + torch.rand(b, length, generator=g).cumsum(1),
+        segment=torch.randint(0, 3, (b, length), generator=g),
+        visit_order=torch.randint(0, 30, (b, length), generator=g),
+    )
+
+
+def _slice(batch: TokenBatch, start: int, stop: int, rows: slice = slice(None)) -> TokenBatch:
+    return TokenBatch(
+        *(getattr(batch, f)[rows, start:stop] for f in TokenBatch.__dataclass_fields__)
+    )
+
+
+@pytest.fixture(scope="module")
+def model() -> EHRMamba:
+    torch.manual_seed(0)
+    return EHRMamba(_config()).eval()
+
+
+def test_backbone_weights_load_into_transformers_and_back(model: EHRMamba) -> None:
+    reference = _reference(model.config)
+    reference.load_state_dict(model.backbone.state_dict(), strict=True)
+    copy = EHRMamba(model.config).eval()
+    copy.backbone.load_state_dict(reference.state_dict(), strict=True)
+    for name, tensor in model.backbone.state_dict().items():
+        assert torch.equal(copy.backbone.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fast-scan", "reference-scan"])
+def test_full_forward_matches_transformers(model: EHRMamba, grad: bool) -> None:
+    reference = _reference(model.config)
+    reference.load_state_dict(model.backbone.state_dict())
+    batch = _batch(2, 150)  # crosses a fast-scan chunk boundary
+    with torch.no_grad():
+        expected = reference(inputs_embeds=model.input_embeddings(batch)).last_hidden_state
+    with torch.set_grad_enabled(grad):
+        ours, _, _ = model(batch)
+    assert (ours - expected).abs().max().item() < TOL
+
+
+def test_chunk_size_that_does_not_divide_the_length(
+    model: EHRMamba, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = _batch(2, 50)
+    with torch.no_grad():
+        whole, _, _ = model(batch)
+        monkeypatch.setattr(scan, "CHUNK", 7)
+        chunked, _, _ = model(batch)
+    assert (whole - chunked).abs().max().item() < TOL
+
+
+def test_fast_scan_matches_the_reference_from_a_state() -> None:
+    g = torch.Generator().manual_seed(1)
+    b, length, d, n = 2, 40, 8, 4
+    u = torch.randn(b, length, d, generator=g)
+    delta = torch.nn.functional.softplus(torch.randn(b, length, d, generator=g))
+    A = -torch.exp(torch.randn(d, n, generator=g))
+    B, C = torch.randn(b, length, n, generator=g), torch.randn(b, length, n, generator=g)
+    D, h0 = torch.randn(d, generator=g), torch.randn(b, d, n, generator=g)
+    y_ref, h_ref = scan.reference_scan(u, delta, A, B, C, D, h0)
+    y, h, _ = scan.fast_scan(u, delta, A, B, C, D, h0)
+    assert (y - y_ref).abs().max().item() < TOL
+    assert (h - h_ref).abs().max().item() < TOL
+
+
+def test_step_by_step_equals_the_parallel_forward(model: EHRMamba) -> None:
+    batch = _batch(2, 25)
+    with torch.no_grad():
+        whole, end, _ = model(batch)
+        state: ModelState | None = None
+        outs = []
+        for t in range(25):
+            out, state, _ = model(_slice(batch, t, t + 1), state)
+            outs.append(out)
+    assert (torch.cat(outs, dim=1) - whole).abs().max().item() < TOL
+    assert state is not None
+    for a, b in zip(state.layers, end.layers, strict=True):
+        assert (a.ssm - b.ssm).abs().max().item() < TOL
+        assert torch.allclose(a.conv, b.conv, atol=TOL)
+
+
+@pytest.mark.parametrize("split", [1, 3, 17, 39])
+def test_continue_from_state_equals_the_whole(model: EHRMamba, split: int) -> None:
+    batch = _batch(2, 40)
+    with torch.no_grad():
+        whole, end, _ = model(batch)
+        head, state, _ = model(_slice(batch, 0, split))
+        tail, resumed, _ = model(_slice(batch, split, 40), state)
+    assert (torch.cat([head, tail], dim=1) - whole).abs().max().item() < TOL
+    for a, b in zip(resumed.layers, end.layers, strict=True):
+        assert (a.ssm - b.ssm).abs().max().item() < TOL
+
+
+def test_captured_states_equal_prefix_runs_and_ignore_padding(model: EHRMamba) -> None:
+    """Row 1 is a 12-token sequence right-padded to 30; its capture at 11 must equal the
+    state of the 12 tokens alone, whatever the padding does after it."""
+    batch = _batch(2, 30)
+    capture = torch.tensor([[4, 29], [11, -1]])
+    with torch.no_grad():
+        _, _, captured = model(batch, capture=capture)
+        _, alone, _ = model(_slice(batch, 0, 12, slice(1, 2)))
+        _, prefix, _ = model(_slice(batch, 0, 5, slice(0, 1)))
+    assert captured is not None
+    for layer, (cap, solo, pre) in enumerate(
+        zip(captured.layers, alone.layers, prefix.layers, strict=True)
+    ):
+        assert (cap.ssm[1, 0] - solo.ssm[0]).abs().max().item() < TOL, layer
+        assert torch.allclose(cap.conv[1, 0], solo.conv[0], atol=TOL), layer
+        assert (cap.ssm[0, 0] - pre.ssm[0]).abs().max().item() < TOL, layer
+        assert torch.count_nonzero(cap.ssm[1, 1]) == 0, "-1 captures nothing"
