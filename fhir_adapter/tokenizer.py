@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, date, datetime
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,7 +30,7 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SECONDS_PER_WEEK = 7 * 86_400
 _SECONDS_PER_YEAR = 365.25 * 86_400
 _DAYS_PER_MONTH = 30.44
-_EVENT_TYPES = {
+EVENT_TYPES = {
     EventKind.PROCEDURE: TokenType.PROCEDURE,
     EventKind.MEDICATION: TokenType.MEDICATION,
     EventKind.LAB: TokenType.LAB,
@@ -146,7 +147,7 @@ def _rows(timeline: Timeline, bins: LabBins, until: datetime | None) -> list[_Ro
                 if event.kind is EventKind.LAB
                 else event.code
             )
-            rows.append((token, _EVENT_TYPES[event.kind], event.time, segment, order))
+            rows.append((token, EVENT_TYPES[event.kind], event.time, segment, order))
         if visit.end is not None and known(visit.end):
             rows.append((VE, TokenType.VISIT_END, visit.end, segment, order))
             rows.append((REG, TokenType.REGISTER, visit.end, segment, order))
@@ -200,6 +201,64 @@ def truncate(seq: TokenSequence, max_length: int) -> TokenSequence:
     for name in ("age", "time", "timestamp"):
         out[name][0] = out[name][1]
     return TokenSequence(**out, truncated=True)
+
+
+def is_visit_open(seq: TokenSequence) -> bool:
+    """Whether the sequence ends inside a visit that has no ``[VE]`` yet."""
+    starts = np.flatnonzero(seq.type == TokenType.VISIT_START)
+    ends = np.flatnonzero(seq.type == TokenType.VISIT_END)
+    return bool(starts.size) and (not ends.size or starts[-1] > ends[-1])
+
+
+def close_visit(seq: TokenSequence, vocab: Vocabulary) -> TokenSequence:
+    """``seq`` with ``[VE] [REG]`` appended when its last visit is still open.
+
+    Training inputs for mortality, readmission and the conditions end with a closed visit;
+    at serving time the current visit may be open, and this makes the input look the same.
+    The closing tokens take the last token's time, age, segment and visit order.
+    """
+    if not is_visit_open(seq):
+        return seq
+    ids = (vocab.id(VE), vocab.id(REG))
+    kinds = (TokenType.VISIT_END, TokenType.REGISTER)
+    return _append(seq, ids, kinds, in_visit=True)
+
+
+def with_task_token(seq: TokenSequence, task_token_id: int) -> TokenSequence:
+    """``seq`` followed by a task token (MPF, task token at the end; DESIGN.md 3.3).
+
+    The task token takes the last token's time and age, type TASK, segment and visit order 0.
+    """
+    return _append(seq, (task_token_id,), (TokenType.TASK,), in_visit=False)
+
+
+def _append(
+    seq: TokenSequence, ids: Sequence[int], kinds: Sequence[TokenType], *, in_visit: bool
+) -> TokenSequence:
+    if not len(seq):
+        raise ValueError("cannot append to an empty sequence")
+    extra = len(ids)
+    last = len(seq) - 1
+
+    def repeat(name: str) -> npt.NDArray[Any]:
+        array: npt.NDArray[Any] = getattr(seq, name)
+        return np.concatenate([array, np.repeat(array[last:], extra)])
+
+    zeros = np.zeros(extra, dtype=np.int8)
+    return TokenSequence(
+        concept=np.concatenate([seq.concept, np.asarray(ids, dtype=np.int32)]),
+        type=np.concatenate([seq.type, np.asarray(kinds, dtype=np.int8)]),
+        age=repeat("age"),
+        time=repeat("time"),
+        segment=repeat("segment") if in_visit else np.concatenate([seq.segment, zeros]),
+        visit_order=(
+            repeat("visit_order")
+            if in_visit
+            else np.concatenate([seq.visit_order, zeros.astype(np.int32)])
+        ),
+        timestamp=repeat("timestamp"),
+        truncated=seq.truncated,
+    )
 
 
 def _seconds(at: datetime) -> int:

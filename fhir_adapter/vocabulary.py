@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from enum import IntEnum
 from pathlib import Path
 
@@ -46,7 +46,12 @@ class TokenType(IntEnum):
 class Vocabulary:
     """Token string to id and back. Build with :meth:`fit` or :meth:`load`."""
 
-    def __init__(self, codes: Sequence[str], min_count: int) -> None:
+    def __init__(
+        self,
+        codes: Sequence[str],
+        min_count: int,
+        code_types: Mapping[str, TokenType] | None = None,
+    ) -> None:
         fixed = (*SPECIAL_TOKENS, *INTERVAL_TOKENS, *TASK_TOKENS)
         clash = set(codes) & set(fixed)
         if clash:
@@ -56,11 +61,30 @@ class Vocabulary:
         self._ids = {token: i for i, token in enumerate(self.tokens)}
         self.unk_id = self._ids[UNK]
         self.pad_id = self._ids[PAD]
+        self.code_types = {c: TokenType(t) for c, t in (code_types or {}).items() if c in self}
 
     @classmethod
-    def fit(cls, code_counts: Counter[str], min_count: int = 1) -> Vocabulary:
-        """Keep codes seen at least ``min_count`` times (count them on the training split)."""
-        return cls([c for c, n in code_counts.items() if n >= min_count], min_count)
+    def fit(
+        cls,
+        code_counts: Counter[str],
+        min_count: int = 1,
+        code_types: Mapping[str, TokenType] | None = None,
+    ) -> Vocabulary:
+        """Keep codes seen at least ``min_count`` times (count them on the training split).
+
+        ``code_types`` records what kind of event each code was (procedure, medication,
+        lab), so a forecast token can be fed back with the right type.
+        """
+        kept = [c for c, n in code_counts.items() if n >= min_count]
+        return cls(kept, min_count, code_types)
+
+    def type_of(self, token_id: int) -> TokenType:
+        """The token type a token carries in a sequence."""
+        token = self.tokens[token_id]
+        fixed = _FIXED_TYPES.get(token)
+        if fixed is not None:
+            return fixed
+        return self.code_types.get(token, TokenType.LAB if "#" in token else TokenType.PROCEDURE)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -84,7 +108,12 @@ class Vocabulary:
         return len(SPECIAL_TOKENS) + len(INTERVAL_TOKENS) + len(TASK_TOKENS)
 
     def to_json(self) -> dict[str, object]:
-        return {"format": _FORMAT, "min_count": self.min_count, "tokens": list(self.tokens)}
+        return {
+            "format": _FORMAT,
+            "min_count": self.min_count,
+            "tokens": list(self.tokens),
+            "code_types": {c: int(t) for c, t in sorted(self.code_types.items())},
+        }
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=1))
@@ -95,7 +124,8 @@ class Vocabulary:
         doc = json.loads(path.read_text())
         if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
             raise ValueError(f"{path}: not a vocabulary file of format {_FORMAT}")
-        vocab = cls(doc["tokens"][cls._reserved_count() :], int(doc["min_count"]))
+        types = {c: TokenType(t) for c, t in doc.get("code_types", {}).items()}
+        vocab = cls(doc["tokens"][cls._reserved_count() :], int(doc["min_count"]), types)
         if list(vocab.tokens) != doc["tokens"]:
             raise ValueError(f"{path}: token order differs from the documented order")
         return vocab
@@ -103,3 +133,14 @@ class Vocabulary:
     @staticmethod
     def _reserved_count() -> int:
         return len(SPECIAL_TOKENS) + len(INTERVAL_TOKENS) + len(TASK_TOKENS)
+
+
+_FIXED_TYPES: dict[str, TokenType] = {
+    **dict.fromkeys((PAD,), TokenType.PAD),
+    **dict.fromkeys((UNK, CLS), TokenType.SPECIAL),
+    VS: TokenType.VISIT_START,
+    VE: TokenType.VISIT_END,
+    REG: TokenType.REGISTER,
+    **dict.fromkeys(INTERVAL_TOKENS, TokenType.INTERVAL),
+    **dict.fromkeys(TASK_TOKENS, TokenType.TASK),
+}

@@ -42,8 +42,8 @@ from fhir_adapter.files import ExportReader, Partition
 from fhir_adapter.lab_bins import LabBins
 from fhir_adapter.normalize import build_timeline
 from fhir_adapter.timeline import EventKind, Timeline, VisitClass
-from fhir_adapter.tokenizer import TokenSequence, tokenize
-from fhir_adapter.vocabulary import Vocabulary
+from fhir_adapter.tokenizer import EVENT_TYPES, TokenSequence, tokenize
+from fhir_adapter.vocabulary import TokenType, Vocabulary
 from model.tasks import Task
 from training.codesets import load_codesets
 from training.labels import CohortContext, label_patient, observation_end
@@ -274,12 +274,13 @@ def _fit(config: BuildConfig, jobs: list[_Job], out: Path) -> tuple[Vocabulary, 
         min_values=config.min_lab_values,
     )
     counts: Counter[str] = Counter()
+    kinds: dict[str, TokenType] = {}
     for timeline in _training_timelines(jobs, out):
-        counts.update(
-            bins.token(e.code, e.unit, e.value) if e.kind is EventKind.LAB else e.code
-            for e in timeline.events
-        )
-    return Vocabulary.fit(counts, config.min_count), bins
+        for e in timeline.events:
+            token = bins.token(e.code, e.unit, e.value) if e.kind is EventKind.LAB else e.code
+            counts[token] += 1
+            kinds.setdefault(token, EVENT_TYPES[e.kind])
+    return Vocabulary.fit(counts, config.min_count, kinds), bins
 
 
 # --- stage 3: tokens and samples ----------------------------------------------------------

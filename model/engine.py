@@ -1,0 +1,317 @@
+"""One-pass inference: six tasks and a forecast for the cost of one scan (DESIGN.md 4.1).
+
+For a batch of patients:
+1. **Scan** each sequence once (or only its new tokens, continuing from a cached state),
+   capturing the state at every cut point a requested task needs: the end of the record,
+   and for length of stay the current visit's start + 24 h.
+2. **Close** the current visit where it is still open: two steps of ``[VE] [REG]`` from the
+   end state, because the training inputs of mortality, readmission and the conditions end
+   with a closed visit (DESIGN.md 3.3). Length of stay reads the open visit as it trained.
+3. **Branch**: one step of the task token from the right state for every (patient, task)
+   pair, all pairs in one batch; the clinical head gives the probability.
+4. **Forecast**: from the end state, k steps of next-event generation (greedy, or top-p
+   sampling with a seed), each with its top candidates and their probabilities.
+
+The states a caller should cache come back with the result; given them and a sequence that
+extends the cached one, only the new tokens are scanned and the results equal a full
+recompute (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from fhir_adapter.tokenizer import TokenSequence, close_visit, is_visit_open, with_task_token
+from fhir_adapter.vocabulary import CLS, PAD, TASK_TOKENS, UNK, TokenType, Vocabulary
+from model.batching import collate
+from model.network import EHRMamba, ModelState
+from model.state import concat, pick_captured, select
+from model.tasks import Task
+
+_NOT_FORECAST = (PAD, UNK, CLS, *TASK_TOKENS)
+_ARRAYS = tuple(f.name for f in fields(TokenSequence) if f.name != "truncated")
+
+
+@dataclass(frozen=True)
+class CachedScan:
+    """What an earlier call scanned: the first ``length`` tokens, the state and last hidden
+    vector at that point, and states at earlier cut points (prefix length -> state)."""
+
+    length: int
+    end_state: ModelState
+    end_hidden: torch.Tensor  # (h,)
+    cut_states: dict[int, ModelState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PatientInput:
+    """One patient's sequence as known now. ``los_cut`` is the prefix length at the current
+    visit's start + 24 h (None when there is no current inpatient visit to ask about)."""
+
+    sequence: TokenSequence
+    los_cut: int | None = None
+    cached: CachedScan | None = None
+
+
+@dataclass(frozen=True)
+class ForecastStep:
+    token: str
+    probability: float
+    candidates: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class PatientResult:
+    probabilities: dict[Task, float]
+    forecast: tuple[ForecastStep, ...]
+    cache: CachedScan
+    scanned_tokens: int
+
+
+def extends(old: TokenSequence, new: TokenSequence) -> bool:
+    """Whether ``new`` is ``old`` plus tokens at the end (so a cached scan can continue)."""
+    return len(new) >= len(old) and new.prefix(len(old)) == old
+
+
+class Engine:
+    """Scores batches of patients with one model and its vocabulary."""
+
+    def __init__(self, model: EHRMamba, vocab: Vocabulary) -> None:
+        self.model = model.eval()
+        self.vocab = vocab
+        self._task_ids = {task: vocab.id(task.token) for task in Task}
+        mask = torch.zeros(len(vocab), dtype=torch.bool)
+        mask[[vocab.id(t) for t in _NOT_FORECAST]] = True
+        self._not_forecast = mask
+
+    @torch.no_grad()
+    def score(
+        self,
+        inputs: Sequence[PatientInput],
+        tasks: Sequence[Task],
+        *,
+        forecast: int = 0,
+        top_p: float | None = None,
+        seed: int = 0,
+        candidates: int = 5,
+    ) -> list[PatientResult]:
+        """Probabilities for ``tasks`` (length of stay only where ``los_cut`` is set) and a
+        ``forecast``-step forecast for every patient."""
+        for item in inputs:
+            if len(item.sequence) == 0:
+                raise ValueError("cannot score an empty sequence")
+        scans = self._scan(inputs, Task.LENGTH_OF_STAY in tasks)
+        probabilities = self._branch(inputs, tasks, scans)
+        forecasts = self._forecast(inputs, scans, forecast, top_p, seed, candidates)
+        return [
+            PatientResult(probabilities[i], forecasts[i], scans[i].cache, scans[i].scanned)
+            for i in range(len(inputs))
+        ]
+
+    # --- 1. scan ----------------------------------------------------------------------------
+
+    def _scan(self, inputs: Sequence[PatientInput], want_los: bool) -> list[_Scan]:
+        plans = [_plan(item, want_los) for item in inputs]
+        todo = [i for i, p in enumerate(plans) if p.start < len(inputs[i].sequence)]
+        fresh: dict[int, tuple[ModelState, torch.Tensor, dict[int, ModelState]]] = {}
+        if todo:
+            suffixes = [_suffix(inputs[i].sequence, plans[i].start) for i in todo]
+            batch, lengths = collate(suffixes)
+            cuts = [plans[i].capture_cuts(len(inputs[i].sequence)) for i in todo]
+            width = max(len(c) for c in cuts)
+            capture = torch.full((len(todo), width), -1, dtype=torch.int64)
+            for row, (i, row_cuts) in enumerate(zip(todo, cuts, strict=True)):
+                for col, cut in enumerate(row_cuts):
+                    capture[row, col] = cut - plans[i].start - 1
+            start = concat([self._start_state(inputs[i], plans[i]) for i in todo])
+            hidden, _, captured = self.model(batch, start, capture)
+            assert captured is not None
+            for row, i in enumerate(todo):
+                rows = torch.full((len(cuts[row]),), row, dtype=torch.int64)
+                slots = torch.arange(len(cuts[row]))
+                picked = pick_captured(captured, rows, slots)
+                states = {
+                    cut: select(picked, torch.tensor([col])) for col, cut in enumerate(cuts[row])
+                }
+                end_hidden = hidden[row, int(lengths[row]) - 1]
+                fresh[i] = (states[len(inputs[i].sequence)], end_hidden, states)
+        scans: list[_Scan] = []
+        for i, (item, plan) in enumerate(zip(inputs, plans, strict=True)):
+            length = len(item.sequence)
+            if i in fresh:
+                end_state, end_hidden, states = fresh[i]
+            else:  # nothing new since the cached scan
+                assert item.cached is not None
+                end_state, end_hidden, states = item.cached.end_state, item.cached.end_hidden, {}
+            known = {**(item.cached.cut_states if item.cached and plan.start else {}), **states}
+            los_state = known.get(item.los_cut) if item.los_cut is not None else None
+            keep = {item.los_cut: los_state} if item.los_cut is not None and los_state else {}
+            cache = CachedScan(length, end_state, end_hidden, keep)
+            scans.append(_Scan(end_state, end_hidden, los_state, cache, length - plan.start))
+        return scans
+
+    def _start_state(self, item: PatientInput, plan: _Plan) -> ModelState:
+        if plan.start and item.cached is not None:
+            return item.cached.end_state
+        return ModelState(tuple(b.mixer.empty_state(1) for b in self.model.backbone.blocks()))
+
+    # --- 2 and 3. close the visit, then branch ---------------------------------------------
+
+    def _branch(
+        self, inputs: Sequence[PatientInput], tasks: Sequence[Task], scans: list[_Scan]
+    ) -> list[dict[Task, float]]:
+        closed = self._closed_states(inputs, scans, tasks)
+        pairs: list[tuple[int, Task, ModelState, TokenSequence]] = []
+        for i, item in enumerate(inputs):
+            for task in tasks:
+                if task is Task.LENGTH_OF_STAY:
+                    los_state = scans[i].los_state
+                    if item.los_cut is None or los_state is None:
+                        continue
+                    pairs.append((i, task, los_state, item.sequence.prefix(item.los_cut)))
+                else:
+                    state, seq = closed[i]
+                    pairs.append((i, task, state, seq))
+        results: list[dict[Task, float]] = [{} for _ in inputs]
+        if not pairs:
+            return results
+        steps = [_last(with_task_token(seq, self._task_ids[task]), 1) for _, task, _, seq in pairs]
+        batch, _ = collate(steps)
+        hidden, _, _ = self.model(batch, concat([state for _, _, state, _ in pairs]))
+        probs = torch.sigmoid(self.model.task_logit(hidden[:, 0]))
+        for (i, task, _, _), p in zip(pairs, probs.tolist(), strict=True):
+            results[i][task] = float(p)
+        return results
+
+    def _closed_states(
+        self, inputs: Sequence[PatientInput], scans: list[_Scan], tasks: Sequence[Task]
+    ) -> list[tuple[ModelState, TokenSequence]]:
+        out = [(scan.end_state, item.sequence) for item, scan in zip(inputs, scans, strict=True)]
+        if not any(t is not Task.LENGTH_OF_STAY for t in tasks):
+            return out
+        open_rows = [i for i, item in enumerate(inputs) if is_visit_open(item.sequence)]
+        if not open_rows:
+            return out
+        closed_seqs = [close_visit(inputs[i].sequence, self.vocab) for i in open_rows]
+        batch, _ = collate([_last(s, 2) for s in closed_seqs])
+        start = concat([scans[i].end_state for i in open_rows])
+        _, end, _ = self.model(batch, start)
+        for row, i in enumerate(open_rows):
+            out[i] = (select(end, torch.tensor([row])), closed_seqs[row])
+        return out
+
+    # --- 4. forecast ------------------------------------------------------------------------
+
+    def _forecast(
+        self,
+        inputs: Sequence[PatientInput],
+        scans: list[_Scan],
+        steps: int,
+        top_p: float | None,
+        seed: int,
+        candidates: int,
+    ) -> list[tuple[ForecastStep, ...]]:
+        out: list[list[ForecastStep]] = [[] for _ in inputs]
+        if steps <= 0:
+            return [tuple(f) for f in out]
+        generator = torch.Generator().manual_seed(seed)
+        state = concat([s.end_state for s in scans])
+        hidden = torch.stack([s.end_hidden for s in scans])  # (b, h)
+        sequences = [item.sequence for item in inputs]
+        for _ in range(steps):
+            logits = self.model.next_token_logits(hidden).masked_fill(self._not_forecast, -1e9)
+            probs = torch.softmax(logits, dim=-1)  # (b, v)
+            chosen = _choose(probs, top_p, generator)
+            top = torch.topk(probs, k=min(candidates, probs.shape[1]), dim=-1)
+            for i in range(len(inputs)):
+                token_id = int(chosen[i])
+                out[i].append(
+                    ForecastStep(
+                        token=self.vocab.token(token_id),
+                        probability=float(probs[i, token_id]),
+                        candidates=tuple(
+                            (self.vocab.token(int(t)), float(p))
+                            for t, p in zip(top.indices[i], top.values[i], strict=True)
+                        ),
+                    )
+                )
+            sequences = [
+                _append_forecast(seq, int(chosen[i]), self.vocab.type_of(int(chosen[i])))
+                for i, seq in enumerate(sequences)
+            ]
+            batch, _ = collate([_last(seq, 1) for seq in sequences])
+            step_hidden, state, _ = self.model(batch, state)
+            hidden = step_hidden[:, 0]
+        return [tuple(f) for f in out]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    start: int  # tokens already scanned (from the cache)
+    los_cut: int | None
+
+    def capture_cuts(self, length: int) -> list[int]:
+        """Prefix lengths whose states this scan must capture (all beyond ``start``)."""
+        cuts = [length]
+        if self.los_cut is not None and self.start < self.los_cut < length:
+            cuts.insert(0, self.los_cut)
+        return cuts
+
+
+@dataclass(frozen=True)
+class _Scan:
+    end_state: ModelState
+    end_hidden: torch.Tensor
+    los_state: ModelState | None
+    cache: CachedScan
+    scanned: int
+
+
+def _plan(item: PatientInput, want_los: bool) -> _Plan:
+    """Continue from the cache when it covers every cut point that lies before its end."""
+    los_cut = item.los_cut if want_los else None
+    cached = item.cached
+    if cached is None or cached.length > len(item.sequence) or cached.length == 0:
+        return _Plan(0, los_cut)
+    if los_cut is not None and los_cut < cached.length and los_cut not in cached.cut_states:
+        return _Plan(0, los_cut)
+    if los_cut is not None and los_cut == cached.length:
+        return _Plan(0, los_cut)  # its state is the cached end state; simplest to rescan
+    return _Plan(cached.length, los_cut)
+
+
+def _suffix(seq: TokenSequence, start: int) -> TokenSequence:
+    """Tokens from ``start`` on (arrays sliced; a view)."""
+    return replace(seq, **{n: getattr(seq, n)[start:] for n in _ARRAYS})
+
+
+def _last(seq: TokenSequence, count: int) -> TokenSequence:
+    return _suffix(seq, len(seq) - count)
+
+
+def _append_forecast(seq: TokenSequence, token_id: int, kind: TokenType) -> TokenSequence:
+    """The sequence with a generated token appended at the last token's time and visit."""
+    last = len(seq) - 1
+    values: dict[str, npt.NDArray[Any]] = {
+        name: np.concatenate([getattr(seq, name), getattr(seq, name)[last:]]) for name in _ARRAYS
+    }
+    values["concept"][-1] = token_id
+    values["type"][-1] = int(kind)
+    return TokenSequence(**values, truncated=seq.truncated)
+
+
+def _choose(probs: torch.Tensor, top_p: float | None, generator: torch.Generator) -> torch.Tensor:
+    """Greedy (``top_p`` None) or nucleus sampling with a seeded generator. (b, v) -> (b,)"""
+    if top_p is None:
+        return probs.argmax(dim=-1)
+    ordered, index = torch.sort(probs, dim=-1, descending=True)
+    keep = ordered.cumsum(dim=-1) - ordered < top_p  # always keeps the most likely token
+    ordered = ordered * keep
+    picks = torch.multinomial(ordered / ordered.sum(-1, keepdim=True), 1, generator=generator)
+    return index.gather(-1, picks).squeeze(-1)
