@@ -157,7 +157,7 @@ def test_state_survives_bytes(engine: Engine) -> None:
         assert torch.equal(a.conv, b.conv)
     data = to_bytes(state)
     for broken in (b"", b"garbage", data[:-4], data + b"\0\0\0\0", b"EHRMS1\xff\xff\xff\xff{"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="state"):
             from_bytes(broken)
 
 
