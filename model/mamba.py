@@ -91,12 +91,13 @@ class MambaMixer(nn.Module):
         """
         b = x.shape[0]
         start = state or self.empty_state(b)
+        if x.shape[1] == 1 and capture is None:
+            return self._step(x, start)
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, d) each
         conv_in = torch.cat([start.conv.to(xs.dtype), xs.transpose(1, 2)], dim=2)  # (b, d, K-1+l)
         conv = F.conv1d(conv_in, self.conv1d.weight, self.conv1d.bias, groups=self.d)
         u = F.silu(conv).transpose(1, 2)  # (b, l, d)
-        dt, B, C = torch.split(self.x_proj(u), [self.r, self.n, self.n], dim=-1)
-        delta = F.softplus(self.dt_proj(dt))  # (b, l, d)
+        delta, B, C = self._selection(u)
         A = -torch.exp(self.A_log.float())  # (d, n)
         captured: LayerState | None = None
         if torch.is_grad_enabled() or x.device.type != "cpu":
@@ -110,6 +111,31 @@ class MambaMixer(nn.Module):
         out = self.out_proj((y * F.silu(z)).to(x.dtype))
         end = LayerState(conv_in[:, :, conv_in.shape[2] - (self.kernel - 1) :], h)
         return out, end, captured
+
+    def _selection(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The input-dependent SSM parameters: delta (..., d), B (..., n), C (..., n)."""
+        dt, B, C = torch.split(self.x_proj(u), [self.r, self.n, self.n], dim=-1)
+        return F.softplus(self.dt_proj(dt)), B, C
+
+    def _step(
+        self, x: torch.Tensor, state: LayerState
+    ) -> tuple[torch.Tensor, LayerState, LayerState | None]:
+        """One token, plain tensor operations only (the form exported to ONNX).
+        x (b, 1, h); equal to the parallel path for l = 1."""
+        xs, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # (b, d) each
+        window = torch.cat([state.conv.to(xs.dtype), xs.unsqueeze(-1)], dim=2)  # (b, d, K)
+        conv = (window * self.conv1d.weight[:, 0, :]).sum(-1)
+        if self.conv1d.bias is not None:
+            conv = conv + self.conv1d.bias
+        u = F.silu(conv)  # (b, d)
+        delta, B, C = self._selection(u)
+        A = -torch.exp(self.A_log.float())
+        h = torch.exp(delta.unsqueeze(-1) * A) * state.ssm + (delta * u).unsqueeze(-1) * (
+            B.unsqueeze(1)
+        )  # (b, d, n)
+        y = (h * C.unsqueeze(1)).sum(-1) + self.D * u
+        out = self.out_proj((y * F.silu(z)).to(x.dtype)).unsqueeze(1)
+        return out, LayerState(window[:, :, 1:], h), None
 
 
 def _conv_windows(conv_in: torch.Tensor, capture: torch.Tensor, kernel: int) -> torch.Tensor:
