@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import data
+from cli import bench, data
 
 app = typer.Typer(
     name="ehrmamba",
@@ -14,3 +14,4 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals can hold credentials
 )
 app.add_typer(data.app, name="data")
+app.add_typer(bench.app, name="bench")

@@ -4,9 +4,10 @@ For a batch of patients:
 1. **Scan** each sequence once (or only its new tokens, continuing from a cached state),
    capturing the state at every cut point a requested task needs: the end of the record,
    and for length of stay the current visit's start + 24 h.
-2. **Close** the current visit where it is still open: two steps of ``[VE] [REG]`` from the
-   end state, because the training inputs of mortality, readmission and the conditions end
-   with a closed visit (DESIGN.md 3.3). Length of stay reads the open visit as it trained.
+2. **Close** the current visit where it is still open: ``[VE] [REG]`` ride at the end of
+   the same scan (the end state is captured before them), because the training inputs of
+   mortality, readmission and the conditions end with a closed visit (DESIGN.md 3.3).
+   Length of stay reads the open visit as it trained.
 3. **Branch**: one step of the task token from the right state for every (patient, task)
    pair, all pairs in one batch; the clinical head gives the probability.
 4. **Forecast**: from the end state, k steps of next-event generation (greedy, or top-p
@@ -27,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from fhir_adapter.tokenizer import TokenSequence, close_visit, is_visit_open, with_task_token
+from fhir_adapter.tokenizer import TokenSequence, close_visit, with_task_token
 from fhir_adapter.vocabulary import CLS, PAD, TASK_TOKENS, UNK, TokenType, Vocabulary
 from model.batching import collate
 from model.network import EHRMamba, ModelState
@@ -106,7 +107,8 @@ class Engine:
         for item in inputs:
             if len(item.sequence) == 0:
                 raise ValueError("cannot score an empty sequence")
-        scans = self._scan(inputs, Task.LENGTH_OF_STAY in tasks)
+        needs_close = any(task is not Task.LENGTH_OF_STAY for task in tasks)
+        scans = self._scan(inputs, Task.LENGTH_OF_STAY in tasks, needs_close)
         probabilities = self._branch(inputs, tasks, scans)
         forecasts = self._forecast(inputs, scans, forecast, top_p, seed, candidates)
         return [
@@ -116,16 +118,24 @@ class Engine:
 
     # --- 1. scan ----------------------------------------------------------------------------
 
-    def _scan(self, inputs: Sequence[PatientInput], want_los: bool) -> list[_Scan]:
+    def _scan(
+        self, inputs: Sequence[PatientInput], want_los: bool, needs_close: bool
+    ) -> list[_Scan]:
+        """Scan what is new for every patient in one batch. Where the current visit is open
+        and a task needs it closed, ``[VE] [REG]`` ride along at the end of the same scan,
+        so closing costs two more tokens, not another pass; the end state is captured
+        before them."""
         plans = [_plan(item, want_los) for item in inputs]
-        todo = [i for i, p in enumerate(plans) if p.start < len(inputs[i].sequence)]
-        fresh: dict[int, tuple[ModelState, torch.Tensor, dict[int, ModelState]]] = {}
+        scanned = [
+            close_visit(item.sequence, self.vocab) if needs_close else item.sequence
+            for item in inputs
+        ]
+        todo = [i for i, p in enumerate(plans) if p.start < len(scanned[i])]
+        fresh: dict[int, tuple[torch.Tensor | None, dict[int, ModelState]]] = {}
         if todo:
-            suffixes = [_suffix(inputs[i].sequence, plans[i].start) for i in todo]
-            batch, lengths = collate(suffixes)
-            cuts = [plans[i].capture_cuts(len(inputs[i].sequence)) for i in todo]
-            width = max(len(c) for c in cuts)
-            capture = torch.full((len(todo), width), -1, dtype=torch.int64)
+            batch, _ = collate([_suffix(scanned[i], plans[i].start) for i in todo])
+            cuts = [plans[i].capture_cuts(len(inputs[i].sequence), len(scanned[i])) for i in todo]
+            capture = torch.full((len(todo), max(len(c) for c in cuts)), -1, dtype=torch.int64)
             for row, (i, row_cuts) in enumerate(zip(todo, cuts, strict=True)):
                 for col, cut in enumerate(row_cuts):
                     capture[row, col] = cut - plans[i].start - 1
@@ -133,27 +143,31 @@ class Engine:
             hidden, _, captured = self.model(batch, start, capture)
             assert captured is not None
             for row, i in enumerate(todo):
-                rows = torch.full((len(cuts[row]),), row, dtype=torch.int64)
-                slots = torch.arange(len(cuts[row]))
-                picked = pick_captured(captured, rows, slots)
-                states = {
-                    cut: select(picked, torch.tensor([col])) for col, cut in enumerate(cuts[row])
-                }
-                end_hidden = hidden[row, int(lengths[row]) - 1]
-                fresh[i] = (states[len(inputs[i].sequence)], end_hidden, states)
+                picked = pick_captured(
+                    captured, torch.full((len(cuts[row]),), row), torch.arange(len(cuts[row]))
+                )
+                states = {cut: select(picked, torch.tensor([c])) for c, cut in enumerate(cuts[row])}
+                last = len(inputs[i].sequence) - plans[i].start - 1
+                fresh[i] = (hidden[row, last] if last >= 0 else None, states)
         scans: list[_Scan] = []
         for i, (item, plan) in enumerate(zip(inputs, plans, strict=True)):
             length = len(item.sequence)
-            if i in fresh:
-                end_state, end_hidden, states = fresh[i]
-            else:  # nothing new since the cached scan
-                assert item.cached is not None
-                end_state, end_hidden, states = item.cached.end_state, item.cached.end_hidden, {}
+            end_hidden, states = fresh.get(i, (None, {}))
             known = {**(item.cached.cut_states if item.cached and plan.start else {}), **states}
+            if plan.start and item.cached is not None:
+                known[plan.start] = item.cached.end_state
+                if plan.start == length:
+                    end_hidden = item.cached.end_hidden
+            assert end_hidden is not None
+            end_state = known[length]
+            closed = known.get(len(scanned[i]), end_state)
             los_state = known.get(item.los_cut) if item.los_cut is not None else None
             keep = {item.los_cut: los_state} if item.los_cut is not None and los_state else {}
             cache = CachedScan(length, end_state, end_hidden, keep)
-            scans.append(_Scan(end_state, end_hidden, los_state, cache, length - plan.start))
+            scans.append(
+                _Scan(end_state, end_hidden, los_state, closed, scanned[i], cache,
+                      length - plan.start)
+            )  # fmt: skip
         return scans
 
     def _start_state(self, item: PatientInput, plan: _Plan) -> ModelState:
@@ -166,18 +180,13 @@ class Engine:
     def _branch(
         self, inputs: Sequence[PatientInput], tasks: Sequence[Task], scans: list[_Scan]
     ) -> list[dict[Task, float]]:
-        closed = self._closed_states(inputs, scans, tasks)
         pairs: list[tuple[int, Task, ModelState, TokenSequence]] = []
-        for i, item in enumerate(inputs):
+        for i, (item, scan) in enumerate(zip(inputs, scans, strict=True)):
             for task in tasks:
-                if task is Task.LENGTH_OF_STAY:
-                    los_state = scans[i].los_state
-                    if item.los_cut is None or los_state is None:
-                        continue
-                    pairs.append((i, task, los_state, item.sequence.prefix(item.los_cut)))
-                else:
-                    state, seq = closed[i]
-                    pairs.append((i, task, state, seq))
+                if task is not Task.LENGTH_OF_STAY:
+                    pairs.append((i, task, scan.closed_state, scan.closed_sequence))
+                elif item.los_cut is not None and scan.los_state is not None:
+                    pairs.append((i, task, scan.los_state, item.sequence.prefix(item.los_cut)))
         results: list[dict[Task, float]] = [{} for _ in inputs]
         if not pairs:
             return results
@@ -188,23 +197,6 @@ class Engine:
         for (i, task, _, _), p in zip(pairs, probs.tolist(), strict=True):
             results[i][task] = float(p)
         return results
-
-    def _closed_states(
-        self, inputs: Sequence[PatientInput], scans: list[_Scan], tasks: Sequence[Task]
-    ) -> list[tuple[ModelState, TokenSequence]]:
-        out = [(scan.end_state, item.sequence) for item, scan in zip(inputs, scans, strict=True)]
-        if not any(t is not Task.LENGTH_OF_STAY for t in tasks):
-            return out
-        open_rows = [i for i, item in enumerate(inputs) if is_visit_open(item.sequence)]
-        if not open_rows:
-            return out
-        closed_seqs = [close_visit(inputs[i].sequence, self.vocab) for i in open_rows]
-        batch, _ = collate([_last(s, 2) for s in closed_seqs])
-        start = concat([scans[i].end_state for i in open_rows])
-        _, end, _ = self.model(batch, start)
-        for row, i in enumerate(open_rows):
-            out[i] = (select(end, torch.tensor([row])), closed_seqs[row])
-        return out
 
     # --- 4. forecast ------------------------------------------------------------------------
 
@@ -256,12 +248,11 @@ class _Plan:
     start: int  # tokens already scanned (from the cache)
     los_cut: int | None
 
-    def capture_cuts(self, length: int) -> list[int]:
-        """Prefix lengths whose states this scan must capture (all beyond ``start``)."""
-        cuts = [length]
-        if self.los_cut is not None and self.start < self.los_cut < length:
-            cuts.insert(0, self.los_cut)
-        return cuts
+    def capture_cuts(self, length: int, scanned: int) -> list[int]:
+        """Prefix lengths whose states this scan must capture (all beyond ``start``): the
+        length-of-stay cut, the end of the record, and the end after closing tokens."""
+        cuts = [c for c in (self.los_cut, length, scanned) if c is not None and c > self.start]
+        return sorted(set(cuts))
 
 
 @dataclass(frozen=True)
@@ -269,6 +260,8 @@ class _Scan:
     end_state: ModelState
     end_hidden: torch.Tensor
     los_state: ModelState | None
+    closed_state: ModelState  # after [VE] [REG] where the visit was open, else end_state
+    closed_sequence: TokenSequence
     cache: CachedScan
     scanned: int
 
@@ -281,8 +274,6 @@ def _plan(item: PatientInput, want_los: bool) -> _Plan:
         return _Plan(0, los_cut)
     if los_cut is not None and los_cut < cached.length and los_cut not in cached.cut_states:
         return _Plan(0, los_cut)
-    if los_cut is not None and los_cut == cached.length:
-        return _Plan(0, los_cut)  # its state is the cached end state; simplest to rescan
     return _Plan(cached.length, los_cut)
 
 

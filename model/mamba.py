@@ -94,9 +94,17 @@ class MambaMixer(nn.Module):
         if x.shape[1] == 1 and capture is None:
             return self._step(x, start)
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, d) each
-        conv_in = torch.cat([start.conv.to(xs.dtype), xs.transpose(1, 2)], dim=2)  # (b, d, K-1+l)
-        conv = F.conv1d(conv_in, self.conv1d.weight, self.conv1d.bias, groups=self.d)
-        u = F.silu(conv).transpose(1, 2)  # (b, l, d)
+        # Causal depthwise conv, time-major: K shifted multiply-adds over contiguous (l, d)
+        # rows are cheaper on CPU than transposing to conv1d's (d, l) layout and back.
+        conv_in = torch.cat([start.conv.transpose(1, 2).to(xs.dtype), xs], dim=1)  # (b, K-1+l, d)
+        length = xs.shape[1]
+        weight = self.conv1d.weight[:, 0, :]  # (d, K)
+        conv = conv_in[:, :length] * weight[:, 0]
+        for k in range(1, self.kernel):
+            conv = conv + conv_in[:, k : k + length] * weight[:, k]
+        if self.conv1d.bias is not None:
+            conv = conv + self.conv1d.bias
+        u = F.silu(conv)  # (b, l, d)
         delta, B, C = self._selection(u)
         A = -torch.exp(self.A_log.float())  # (d, n)
         captured: LayerState | None = None
@@ -109,7 +117,7 @@ class MambaMixer(nn.Module):
             if capture is not None and ssm_captured is not None:
                 captured = LayerState(_conv_windows(conv_in, capture, self.kernel), ssm_captured)
         out = self.out_proj((y * F.silu(z)).to(x.dtype))
-        end = LayerState(conv_in[:, :, conv_in.shape[2] - (self.kernel - 1) :], h)
+        end = LayerState(conv_in[:, length:].transpose(1, 2), h)
         return out, end, captured
 
     def _selection(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -141,18 +149,15 @@ class MambaMixer(nn.Module):
 def _conv_windows(conv_in: torch.Tensor, capture: torch.Tensor, kernel: int) -> torch.Tensor:
     """The conv state after each captured position: the K-1 inputs ending there.
 
-    conv_in (b, d, K-1+l) holds the saved K-1 inputs then the new ones, so the window
-    after position t is conv_in[:, :, t+1 : t+K]. Returns (b, k, d, K-1).
+    conv_in (b, K-1+l, d) holds the saved K-1 inputs then the new ones, so the window
+    after position t is conv_in[:, t+1 : t+K]. Returns (b, k, d, K-1).
     """
     b, k = capture.shape
     offsets = torch.arange(1, kernel, device=conv_in.device)  # (K-1,)
     index = capture.clamp(min=0).unsqueeze(-1) + offsets  # (b, k, K-1)
-    gathered = torch.gather(
-        conv_in.unsqueeze(1).expand(b, k, *conv_in.shape[1:]),
-        3,
-        index.unsqueeze(2).expand(b, k, conv_in.shape[1], kernel - 1),
-    )
-    return gathered * (capture >= 0).view(b, k, 1, 1)
+    rows = torch.arange(b, device=conv_in.device).view(b, 1, 1)
+    windows = conv_in[rows, index]  # (b, k, K-1, d)
+    return windows.transpose(2, 3) * (capture >= 0).view(b, k, 1, 1)
 
 
 class MambaBlock(nn.Module):

@@ -85,11 +85,15 @@ def fast_scan(
                 slots[row, positions[row, col]] = col
         captured = np.zeros((b, max(k, 1), d, n), dtype=np.float32)
         A_t = A.detach().float()
+        delta_t = torch.from_numpy(delta32)
+        buffer = torch.empty(b, min(CHUNK, length), d, n)  # reused: exp(delta * A) per chunk
         for start in range(0, length, CHUNK):
             stop = min(start + CHUNK, length)
-            decay = torch.exp(delta[:, start:stop].detach().float().unsqueeze(-1) * A_t)
+            decay = buffer[:, : stop - start]
+            torch.mul(delta_t[:, start:stop].unsqueeze(-1), A_t, out=decay)
+            decay.exp_()
             _scan_chunk(
-                np.ascontiguousarray(decay.numpy()), u32[:, start:stop], delta32[:, start:stop],
+                decay.numpy(), u32[:, start:stop], delta32[:, start:stop],
                 B32[:, start:stop], C32[:, start:stop], D32, h, y[:, start:stop],
                 slots[:, start:stop], captured,
             )  # fmt: skip
@@ -101,7 +105,7 @@ def _np(x: torch.Tensor) -> npt.NDArray[np.float32]:
     return np.ascontiguousarray(x.detach().float().cpu().numpy())
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, fastmath=True)
 def _scan_chunk(
     decay: npt.NDArray[np.float32],  # (b, T, d, n)
     u: npt.NDArray[np.float32],  # (b, T, d)

@@ -1,0 +1,358 @@
+"""Model speed on this machine, side by side in one run (`ehrmamba bench model`).
+
+Cases (random weights; timing does not depend on them):
+- ``full_forward``: hidden states for one sequence of 512 / 2,048 / 8,192 / 65,536 tokens:
+  our scan (``ours``), the stock ``transformers`` Mamba CPU path, and a BERT of the same
+  width and depth with PyTorch SDPA attention. The stock path and BERT are skipped at
+  65,536 tokens (minutes, gigabytes); ours runs there in chunks of 8,192 tokens carried by
+  the recurrent state, which bounds memory.
+- ``six_tasks_forecast``: six task probabilities plus a 10-event forecast at 2,048 tokens,
+  one pass with branching (``ours_one_pass``) against six separate full passes.
+- ``append_10_events``: ten new events on a cached 2,048-token state against recomputing.
+- ``recurrent_step``: one token through the step, PyTorch against onnxruntime.
+- ``compute_floor``: FLOPs of the forward over the measured matmul throughput.
+
+Every measurement is a median over ``runs``; ``peak_mb`` is the largest rise of this
+process's resident memory above its level before the case started.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fhir_adapter.tokenizer import TokenSequence, with_task_token
+from fhir_adapter.vocabulary import TokenType, Vocabulary
+from model.batching import collate
+from model.config import ModelConfig, sized
+from model.engine import Engine, PatientInput
+from model.network import EHRMamba, ModelState, TokenBatch
+from model.onnx_step import OnnxStep, StepGraph, example_inputs, export_step
+from model.tasks import Task
+
+LENGTHS = (512, 2048, 8192, 65536)
+REFERENCE_LIMIT = 8192  # longest sequence the stock path and BERT are run at
+LONG_CHUNK = 8192
+
+
+@dataclass
+class Measurement:
+    case: str
+    impl: str
+    size: str
+    tokens: int
+    median_s: float
+    peak_mb: float
+    runs: int
+    note: str = ""
+
+
+def run(
+    sizes: tuple[str, ...] = ("compact", "paper"), quick: bool = False
+) -> Iterator[Measurement]:
+    """Yield measurements as they are made (``quick``: shorter sequences, one run each)."""
+    torch.manual_seed(0)
+    vocab = _vocabulary(500)
+    lengths = (512, 2048) if quick else LENGTHS
+    for size in sizes:
+        config = sized(size, len(vocab), dropout=0.0)
+        ours = EHRMamba(config).eval()
+        size_lengths = lengths if size == "compact" else (2048,)
+        for tokens in size_lengths:
+            yield from _full_forward(ours, config, size, tokens, quick)
+        if size == "compact":
+            yield from _serving_cases(ours, vocab, quick)
+        yield _floor(config, 2048)
+
+
+def _full_forward(
+    ours: EHRMamba, config: ModelConfig, size: str, tokens: int, quick: bool
+) -> Iterator[Measurement]:
+    runs = 1 if quick or tokens > 2048 or size == "paper" else 3
+    batch = _batch(tokens, config.vocab_size)
+    yield _measure(
+        "full_forward", "ours", size, tokens, runs, lambda: _forward_chunked(ours, batch)
+    )
+    if tokens > REFERENCE_LIMIT:
+        for impl in ("transformers", "bert"):
+            skipped = "skipped: minutes and gigabytes"
+            yield Measurement("full_forward", impl, size, tokens, math.nan, math.nan, 0, skipped)
+        return
+    stock = _stock_mamba(ours)
+    embeds = ours.input_embeddings(batch).detach()
+    yield _measure(
+        "full_forward", "transformers", size, tokens, 1, lambda: stock(inputs_embeds=embeds)
+    )
+    bert = _bert(config)
+    yield _measure(
+        "full_forward", "bert", size, tokens, runs, lambda: bert(input_ids=batch.concept)
+    )
+
+
+def _serving_cases(model: EHRMamba, vocab: Vocabulary, quick: bool) -> Iterator[Measurement]:
+    engine = Engine(model, vocab)
+    seq = _sequence(2048, vocab)
+    runs = 1 if quick else 5
+    one = PatientInput(seq, los_cut=len(seq) - 300)
+    yield _measure(
+        "six_tasks_forecast",
+        "ours_one_pass",
+        "compact",
+        len(seq),
+        runs,
+        lambda: engine.score([one], list(Task), forecast=10),
+    )
+
+    def six_passes() -> None:
+        for task in Task:
+            full = with_task_token(seq, vocab.id(task.token))
+            engine.model(collate([full])[0])
+
+    yield _measure(
+        "six_tasks_forecast",
+        "ours_six_passes",
+        "compact",
+        len(seq),
+        runs,
+        lambda: torch.no_grad()(six_passes)(),
+    )
+    longer = _sequence(2058, vocab)
+    old = longer.prefix(2048)
+    [first] = engine.score([PatientInput(old)], list(Task))
+    cached = PatientInput(longer, cached=first.cache)
+    yield _measure(
+        "append_10_events",
+        "ours_incremental",
+        "compact",
+        10,
+        runs,
+        lambda: engine.score([cached], list(Task)),
+    )
+    yield _measure(
+        "append_10_events",
+        "ours_recompute",
+        "compact",
+        2058,
+        runs,
+        lambda: engine.score([PatientInput(longer)], list(Task)),
+    )
+    graph = StepGraph(model)
+    inputs = example_inputs(model, batch=1, seed=3)
+    yield _measure(
+        "recurrent_step",
+        "ours",
+        "compact",
+        1,
+        50 if not quick else 5,
+        lambda: torch.no_grad()(graph)(*inputs),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        step = OnnxStep(export_step(model, Path(tmp) / "step.onnx"))
+        arrays = [t.numpy() for t in inputs]
+        yield _measure(
+            "recurrent_step",
+            "onnxruntime",
+            "compact",
+            1,
+            50 if not quick else 5,
+            lambda: step.run(*arrays),
+        )
+
+
+# --- what is measured ------------------------------------------------------------------------
+
+
+def _forward_chunked(model: EHRMamba, batch: TokenBatch) -> torch.Tensor:
+    """Hidden states for the whole sequence, scanned in chunks carried by the state."""
+    length = batch.concept.shape[1]
+    state: ModelState | None = None
+    outs = []
+    for start in range(0, length, LONG_CHUNK):
+        part = TokenBatch(
+            *(
+                getattr(batch, f)[:, start : start + LONG_CHUNK]
+                for f in TokenBatch.__dataclass_fields__
+            )
+        )
+        hidden, state, _ = model(part, state)
+        outs.append(hidden)
+    return torch.cat(outs, dim=1)
+
+
+def _stock_mamba(ours: EHRMamba) -> Any:
+    from transformers import MambaConfig, MambaModel
+
+    c = ours.config
+    model = MambaModel(
+        MambaConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            state_size=c.state_size,
+            num_hidden_layers=c.num_hidden_layers,
+            conv_kernel=c.conv_kernel,
+            expand=c.expand,
+            time_step_rank=c.dt_rank,
+            use_bias=c.use_bias,
+            use_conv_bias=c.use_conv_bias,
+            use_cache=False,
+        )
+    )
+    model.load_state_dict(ours.backbone.state_dict())
+    return model.eval()
+
+
+def _bert(config: ModelConfig) -> Any:
+    from transformers import BertConfig, BertModel
+
+    heads = max(config.hidden_size // 64, 1)
+    model = BertModel(
+        BertConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * config.hidden_size,
+            max_position_embeddings=REFERENCE_LIMIT,
+            attn_implementation="sdpa",  # type: ignore[call-arg]
+        ),
+        add_pooling_layer=False,
+    )
+    return model.eval()
+
+
+def _floor(config: ModelConfig, tokens: int) -> Measurement:
+    """Matmul FLOPs plus scan FLOPs of one forward, over the measured matmul throughput."""
+    h, d, n, r = config.hidden_size, config.intermediate_size, config.state_size, config.dt_rank
+    per_layer = 2 * (h * 2 * d + d * (r + 2 * n) + r * d + d * h) + 6 * d * n + 8 * d
+    flops = tokens * (config.num_hidden_layers * per_layer + 2 * (h + 64) * h)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - started)
+    peak = 2 * 2048**3 / statistics.median(times)
+    size = "compact" if config.hidden_size == 256 else "paper"
+    note = f"{flops / tokens / 1e6:.1f} MFLOP per token; matmul peak {peak / 1e9:.0f} GFLOP/s"
+    return Measurement("compute_floor", "floor", size, tokens, flops / peak, 0.0, 5, note)
+
+
+# --- measuring -----------------------------------------------------------------------------
+
+
+def _measure(
+    case: str, impl: str, size: str, tokens: int, runs: int, fn: Callable[[], object]
+) -> Measurement:
+    times: list[float] = []
+    with torch.no_grad(), _peak_rss() as peak:
+        fn()  # warm-up: compilation, allocator
+        for _ in range(runs):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+    return Measurement(case, impl, size, tokens, statistics.median(times), peak(), runs)
+
+
+@contextmanager
+def _peak_rss() -> Iterator[Callable[[], float]]:
+    """Samples this process's resident memory every 5 ms; yields a reader of the peak rise."""
+    base = _rss_mb()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            done.wait(0.005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield lambda: max(peak[0] - base, 0.0)
+    finally:
+        done.set()
+        thread.join()
+
+
+def _rss_mb() -> float:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * 4096 / 2**20
+
+
+# --- synthetic inputs -----------------------------------------------------------------------
+
+
+def _vocabulary(codes: int) -> Vocabulary:
+    return Vocabulary(
+        [f"LOINC|{i}" for i in range(codes - 29)],
+        1,
+        {f"LOINC|{i}": TokenType.LAB for i in range(codes - 29)},
+    )
+
+
+def _batch(tokens: int, vocab_size: int) -> TokenBatch:
+    g = torch.Generator().manual_seed(tokens)
+    return TokenBatch(
+        concept=torch.randint(29, vocab_size, (1, tokens), generator=g),
+        type=torch.randint(0, 10, (1, tokens), generator=g),
+        age=torch.full((1, tokens), 64.0),
+        time=2800 + torch.arange(tokens, dtype=torch.float32).unsqueeze(0) / 100,
+        segment=torch.ones(1, tokens, dtype=torch.int64),
+        visit_order=torch.ones(1, tokens, dtype=torch.int64),
+    )
+
+
+def _sequence(tokens: int, vocab: Vocabulary) -> TokenSequence:
+    """One open visit of lab events: ``[CLS] [VS] e e ...``."""
+    concept = np.concatenate(
+        [[vocab.id("[CLS]"), vocab.id("[VS]")], np.arange(tokens - 2) % (len(vocab) - 29) + 29]
+    ).astype(np.int32)
+    kinds = np.full(tokens, int(TokenType.LAB), dtype=np.int8)
+    kinds[:2] = (TokenType.SPECIAL, TokenType.VISIT_START)
+    stamps = 1_700_000_000 + np.arange(tokens, dtype=np.int64) * 60
+    return TokenSequence(
+        concept=concept,
+        type=kinds,
+        age=np.full(tokens, 64.0, dtype=np.float32),
+        time=(stamps / 604800).astype(np.float32),
+        segment=np.r_[0, np.ones(tokens - 1)].astype(np.int8),
+        visit_order=np.r_[0, np.ones(tokens - 1)].astype(np.int32),
+        timestamp=stamps,
+    )
+
+
+def table(measurements: list[Measurement]) -> str:
+    """A Markdown table of the measurements."""
+    lines = [
+        "| case | impl | size | tokens | median s | peak MB | runs | note |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for m in measurements:
+        median = "-" if m.runs == 0 else f"{m.median_s:.4f}"
+        peak = "-" if m.runs == 0 else f"{m.peak_mb:.0f}"
+        lines.append(
+            f"| {m.case} | {m.impl} | {m.size} | {m.tokens:,} | {median} | {peak} "
+            f"| {m.runs} | {m.note} |"
+        )
+    return "\n".join(lines)
+
+
+def as_json(m: Measurement) -> str:
+    doc: dict[str, Any] = asdict(m)
+    for key in ("median_s", "peak_mb"):
+        if doc[key] != doc[key]:  # NaN: not measured
+            doc[key] = None
+    return json.dumps(doc)
