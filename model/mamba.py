@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import scan
 from model.config import ModelConfig
 from model.scan import fast_scan, reference_scan
 
@@ -108,7 +109,9 @@ class MambaMixer(nn.Module):
         delta, B, C = self._selection(u)
         A = -torch.exp(self.A_log.float())  # (d, n)
         captured: LayerState | None = None
-        if torch.is_grad_enabled() or x.device.type != "cpu":
+        if x.is_cuda and state is None and capture is None and scan.cuda_scan is not None:
+            y, h = scan.cuda_scan(u, delta, A, B, C, self.D)
+        elif torch.is_grad_enabled() or x.device.type != "cpu":
             if capture is not None:
                 raise ValueError("state capture needs no-grad mode on CPU")
             y, h = reference_scan(u, delta, A, B, C, self.D, start.ssm)

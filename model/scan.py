@@ -12,6 +12,9 @@ section 2 and the simplified B of its appendix):
 
 - ``reference_scan`` is a plain loop over time in PyTorch: differentiable, obviously right,
   slow (one small operation per step).
+- ``cuda_scan`` is ``mamba-ssm``'s fused CUDA kernel, used on GPUs when that optional
+  package is installed (it takes no initial state, so continuing a sequence on a GPU still
+  uses the reference path).
 - ``fast_scan`` computes ``exp(delta * A)`` with torch's vectorised exp for a cache-sized
   chunk of steps, then runs the recurrence over that chunk in a compiled loop (numba, one
   parallel task per (batch, channel)). It also returns the state after any requested
@@ -28,6 +31,34 @@ import numpy.typing as npt
 import torch
 
 CHUNK = 128  # time steps per exp() batch: keeps the (b, chunk, d, n) buffer in cache
+
+try:  # optional CUDA extra: pip install mamba-ssm (builds from source against your torch)
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+except ImportError:
+    selective_scan_fn = None
+
+
+def _mamba_ssm_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mamba-ssm``'s kernel with our layout: u, delta (b, l, d); B, C (b, l, n); from a
+    zero state. Returns y (b, l, d) and the last state (b, d, n). Differentiable."""
+    assert selective_scan_fn is not None
+    y, last = selective_scan_fn(
+        u.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous(), A,
+        B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D.float(),
+        return_last_state=True,
+    )  # fmt: skip
+    return y.transpose(1, 2), last
+
+
+# The CUDA kernel in use; None (no mamba-ssm, or set so to compare) means the PyTorch path.
+cuda_scan = _mamba_ssm_scan if selective_scan_fn is not None else None
 
 
 def reference_scan(
