@@ -75,9 +75,11 @@ class MambaMixer(nn.Module):
             bound = self.r**-0.5
             self.dt_proj.weight.uniform_(-bound, bound)
 
-    def empty_state(self, batch: int) -> LayerState:
-        return LayerState(torch.zeros(batch, self.d, self.kernel - 1),
-                          torch.zeros(batch, self.d, self.n))  # fmt: skip
+    def empty_state(self, batch: int, device: torch.device | None = None) -> LayerState:
+        return LayerState(
+            torch.zeros(batch, self.d, self.kernel - 1, device=device),
+            torch.zeros(batch, self.d, self.n, device=device),
+        )
 
     def forward(
         self,
@@ -91,7 +93,7 @@ class MambaMixer(nn.Module):
         gives LayerState(conv (b, k, d, K-1), ssm (b, k, d, n)). Needs no-grad mode.
         """
         b = x.shape[0]
-        start = state or self.empty_state(b)
+        start = state or self.empty_state(b, x.device)
         if x.shape[1] == 1 and capture is None:
             return self._step(x, start)
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, d) each
