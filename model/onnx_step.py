@@ -13,6 +13,8 @@ without an error has happened before (issue "EHRMamba model", traps).
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +88,7 @@ def export_step(model: EHRMamba, path: Path, *, tolerance: float = 1e-4) -> Path
     batch_dim = torch.export.Dim("batch", min=1, max=4096)
     dynamic = {name: {0: batch_dim} for name in INPUTS[:6]}
     dynamic.update({"conv": {1: batch_dim}, "ssm": {1: batch_dim}})
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):  # the exporter prints progress
         torch.onnx.export(
             graph, example, str(path), input_names=list(INPUTS), output_names=list(OUTPUTS),
             dynamic_shapes=dynamic, dynamo=True, external_data=False,
