@@ -24,22 +24,10 @@ from typing import Any
 
 import torch
 
+from bench.synthetic import synthetic_batch
 from model import scan
 from model.config import sized
 from model.network import EHRMamba, TokenBatch
-
-
-def _batch(b: int, tokens: int, vocab: int, device: torch.device) -> TokenBatch:
-    g = torch.Generator().manual_seed(0)
-    fields = TokenBatch(
-        concept=torch.randint(0, vocab, (b, tokens), generator=g),
-        type=torch.randint(0, 10, (b, tokens), generator=g),
-        age=torch.full((b, tokens), 64.0),
-        time=2800 + torch.arange(tokens, dtype=torch.float32).repeat(b, 1) / 100,
-        segment=torch.ones(b, tokens, dtype=torch.int64),
-        visit_order=torch.ones(b, tokens, dtype=torch.int64),
-    )
-    return TokenBatch(*(getattr(fields, f).to(device) for f in TokenBatch.__dataclass_fields__))
 
 
 def _time(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
@@ -128,7 +116,7 @@ def main() -> None:
         stock = _stock(model).to(device)
         for b in (1, 8):
             with torch.no_grad():
-                rows.extend(_compare(model, stock, size, _batch(b, 2048, 500, device)))
+                rows.extend(_compare(model, stock, size, synthetic_batch(b, 2048, 500, device)))
     print("| impl | size | batch | tokens | median s | max diff |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:

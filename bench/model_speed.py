@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.synthetic import synthetic_batch
 from fhir_adapter.tokenizer import TokenSequence, with_task_token
 from fhir_adapter.vocabulary import TokenType, Vocabulary
 from model.batching import collate
@@ -81,7 +82,7 @@ def _full_forward(
     ours: EHRMamba, config: ModelConfig, size: str, tokens: int, quick: bool
 ) -> Iterator[Measurement]:
     runs = 1 if quick or tokens > 2048 or size == "paper" else 3
-    batch = _batch(tokens, config.vocab_size)
+    batch = synthetic_batch(1, tokens, config.vocab_size)
     yield _measure(
         "full_forward", "ours", size, tokens, runs, lambda: _forward_chunked(ours, batch)
     )
@@ -300,18 +301,6 @@ def _vocabulary(codes: int) -> Vocabulary:
         [f"LOINC|{i}" for i in range(codes - 29)],
         1,
         {f"LOINC|{i}": TokenType.LAB for i in range(codes - 29)},
-    )
-
-
-def _batch(tokens: int, vocab_size: int) -> TokenBatch:
-    g = torch.Generator().manual_seed(tokens)
-    return TokenBatch(
-        concept=torch.randint(29, vocab_size, (1, tokens), generator=g),
-        type=torch.randint(0, 10, (1, tokens), generator=g),
-        age=torch.full((1, tokens), 64.0),
-        time=2800 + torch.arange(tokens, dtype=torch.float32).unsqueeze(0) / 100,
-        segment=torch.ones(1, tokens, dtype=torch.int64),
-        visit_order=torch.ones(1, tokens, dtype=torch.int64),
     )
 
 

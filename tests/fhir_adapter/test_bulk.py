@@ -12,18 +12,8 @@ from fhir_adapter.errors import FhirError
 from fhir_adapter.files import ExportReader
 from fhir_adapter.normalize import build_timeline
 from fhir_adapter.record import READ_TYPES
-from fhir_adapter.timeline import Timeline
 from tests.conftest import LoadedServer
-
-
-def _content(timeline: Timeline) -> tuple[object, ...]:
-    return (
-        timeline.patient,
-        timeline.visits,
-        timeline.events,
-        timeline.conditions,
-        dict(timeline.source.dropped),
-    )
+from tests.support.timelines import timeline_content
 
 
 async def test_patient_export_round_trip_gives_the_same_timelines(
@@ -39,7 +29,9 @@ async def test_patient_export_round_trip_gives_the_same_timelines(
     }
     assert set(exported) == {r.patient_id for r in loaded_fhir.records}
     for record in loaded_fhir.records:
-        assert _content(exported[record.patient_id]) == _content(build_timeline(record))
+        assert timeline_content(exported[record.patient_id]) == timeline_content(
+            build_timeline(record)
+        )
 
 
 async def test_group_export_holds_only_the_members(

@@ -19,23 +19,11 @@ from fhir_adapter.errors import (
     FhirUpstreamError,
 )
 from fhir_adapter.normalize import build_timeline
-from fhir_adapter.timeline import Timeline
 from fhir_adapter.upload import upload_record
 from tests.conftest import LoadedServer
 from tests.support.faults import FaultTransport, first_n
 from tests.support.fhir_server import start_fhir_server
-
-
-def _content(timeline: Timeline) -> tuple[object, ...]:
-    """Everything but where the data came from and when the server stored it."""
-    return (
-        timeline.patient,
-        timeline.visits,
-        timeline.events,
-        timeline.conditions,
-        dict(timeline.source.resource_counts),
-        dict(timeline.source.dropped),
-    )
+from tests.support.timelines import timeline_content
 
 
 async def test_server_and_files_give_the_same_timeline(loaded_fhir: LoadedServer) -> None:
@@ -45,7 +33,7 @@ async def test_server_and_files_give_the_same_timeline(loaded_fhir: LoadedServer
             from_server = build_timeline(fetched)
             from_files = build_timeline(record)
             assert from_server.events, "sample patients must have events"
-            assert _content(from_server) == _content(from_files), record.patient_id
+            assert timeline_content(from_server) == timeline_content(from_files), record.patient_id
             assert from_server.source.source == loaded_fhir.base_url
 
 
