@@ -83,7 +83,7 @@ def example_inputs(model: EHRMamba, batch: int = 2, seed: int = 0) -> tuple[torc
 def export_step(model: EHRMamba, path: Path, *, tolerance: float = 1e-4) -> Path:
     """Export, then run both on fresh inputs (another batch size, other values) and raise if
     they disagree beyond ``tolerance``."""
-    graph = StepGraph(model.eval())
+    graph = StepGraph(model.eval()).eval()
     example = example_inputs(model)
     batch_dim = torch.export.Dim("batch", min=1, max=4096)
     dynamic = {name: {0: batch_dim} for name in INPUTS[:6]}
