@@ -8,7 +8,9 @@ Cases (random weights; timing does not depend on them):
   the recurrent state, which bounds memory.
 - ``six_tasks_forecast``: six task probabilities plus a 10-event forecast at 2,048 tokens,
   one pass with branching (``ours_one_pass``) against six separate full passes.
-- ``append_10_events``: ten new events on a cached 2,048-token state against recomputing.
+- ``append_10_events``: ten new events on a cached 2,048-token state against recomputing:
+  the state update alone (``ours_state_update`` vs ``ours_full_forward``), and with scoring
+  six tasks (``ours_incremental`` vs ``ours_recompute``, both through the engine).
 - ``recurrent_step``: one token through the step, PyTorch against onnxruntime.
 - ``compute_floor``: FLOPs of the forward over the measured matmul throughput.
 
@@ -60,10 +62,16 @@ class Measurement:
     note: str = ""
 
 
+CASES = ("forward", "serving", "floor")
+
+
 def run(
-    sizes: tuple[str, ...] = ("compact", "paper"), quick: bool = False
+    sizes: tuple[str, ...] = ("compact", "paper"),
+    quick: bool = False,
+    cases: tuple[str, ...] = CASES,
 ) -> Iterator[Measurement]:
-    """Yield measurements as they are made (``quick``: shorter sequences, one run each)."""
+    """Yield measurements as they are made (``quick``: shorter sequences, one run each;
+    ``cases``: which groups to run; serving cases run at the compact size)."""
     torch.manual_seed(0)
     vocab = _vocabulary(500)
     lengths = (512, 2048) if quick else LENGTHS
@@ -71,11 +79,13 @@ def run(
         config = sized(size, len(vocab), dropout=0.0)
         ours = EHRMamba(config).eval()
         size_lengths = lengths if size == "compact" else (2048,)
-        for tokens in size_lengths:
-            yield from _full_forward(ours, config, size, tokens, quick)
-        if size == "compact":
+        if "forward" in cases:
+            for tokens in size_lengths:
+                yield from _full_forward(ours, config, size, tokens, quick)
+        if "serving" in cases and size == "compact":
             yield from _serving_cases(ours, vocab, quick)
-        yield _floor(config, 2048)
+        if "floor" in cases:
+            yield _floor(config, 2048)
 
 
 def _full_forward(
@@ -133,6 +143,16 @@ def _serving_cases(model: EHRMamba, vocab: Vocabulary, quick: bool) -> Iterator[
     old = longer.prefix(2048)
     [first] = engine.score([PatientInput(old)], list(Task))
     cached = PatientInput(longer, cached=first.cache)
+    whole = synthetic_batch(1, 2058, len(vocab))
+    head, tail = _split(whole, 2048)
+    with torch.no_grad():
+        _, state, _ = model(head)
+    yield _measure(
+        "append_10_events", "ours_state_update", "compact", 10, runs, lambda: model(tail, state)
+    )
+    yield _measure(
+        "append_10_events", "ours_full_forward", "compact", 2058, runs, lambda: model(whole)
+    )
     yield _measure(
         "append_10_events",
         "ours_incremental",
@@ -190,6 +210,14 @@ def _forward_chunked(model: EHRMamba, batch: TokenBatch) -> torch.Tensor:
         hidden, state, _ = model(part, state)
         outs.append(hidden)
     return torch.cat(outs, dim=1)
+
+
+def _split(batch: TokenBatch, at: int) -> tuple[TokenBatch, TokenBatch]:
+    names = TokenBatch.__dataclass_fields__
+    return (
+        TokenBatch(*(getattr(batch, f)[:, :at] for f in names)),
+        TokenBatch(*(getattr(batch, f)[:, at:] for f in names)),
+    )
 
 
 def _stock_mamba(ours: EHRMamba) -> Any:

@@ -16,6 +16,9 @@ def model(
         list[str] | None, typer.Option(help="compact and/or paper (default: both).")
     ] = None,
     quick: Annotated[bool, typer.Option(help="Short sequences, one run each.")] = False,
+    case: Annotated[
+        list[str] | None, typer.Option(help="forward, serving and/or floor (default: all).")
+    ] = None,
 ) -> None:
     """Full forward, one-pass scoring, incremental update and step speed, side by side."""
     try:
@@ -26,7 +29,11 @@ def model(
         ) from exc
     sizes = tuple(size or ("compact", "paper"))
     done = []
-    for measurement in model_speed.run(sizes, quick=quick):
+    cases = tuple(case or model_speed.CASES)
+    unknown = set(cases) - set(model_speed.CASES)
+    if unknown:
+        raise typer.BadParameter(f"unknown case {sorted(unknown)}; use {model_speed.CASES}")
+    for measurement in model_speed.run(sizes, quick=quick, cases=cases):
         done.append(measurement)
         if as_json:
             print(model_speed.as_json(measurement), flush=True)
