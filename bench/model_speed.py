@@ -11,7 +11,8 @@ Cases (random weights; timing does not depend on them):
 - ``append_10_events``: ten new events on a cached 2,048-token state against recomputing:
   the state update alone (``ours_state_update`` vs ``ours_full_forward``), and with scoring
   six tasks (``ours_incremental`` vs ``ours_recompute``, both through the engine).
-- ``recurrent_step``: one token through the step, PyTorch against onnxruntime.
+- ``recurrent_step``: one token through the step, PyTorch against onnxruntime; and the two
+  serving cases again with the engine's single-token steps in onnxruntime (``*_onnx_steps``).
 - ``compute_floor``: FLOPs of the forward over the measured matmul throughput.
 
 Every measurement is a median over ``runs``; ``peak_mb`` is the largest rise of this
@@ -189,6 +190,23 @@ def _serving_cases(model: EHRMamba, vocab: Vocabulary, quick: bool) -> Iterator[
             1,
             50 if not quick else 5,
             lambda: step.run(*arrays),
+        )
+        onnx_engine = Engine(model, vocab, step)
+        yield _measure(
+            "six_tasks_forecast",
+            "ours_one_pass_onnx_steps",
+            "compact",
+            len(seq),
+            runs,
+            lambda: onnx_engine.score([one], list(Task), forecast=10),
+        )
+        yield _measure(
+            "append_10_events",
+            "ours_incremental_onnx_steps",
+            "compact",
+            10,
+            runs,
+            lambda: onnx_engine.score([cached], list(Task)),
         )
 
 

@@ -13,9 +13,7 @@ import numpy as np
 import torch
 
 from fhir_adapter.tokenizer import TokenSequence
-from model.network import TokenBatch
-
-_FIELDS = ("concept", "type", "age", "time", "segment", "visit_order")
+from model.network import STREAMS, TokenBatch
 
 
 def collate(sequences: Sequence[TokenSequence]) -> tuple[TokenBatch, torch.Tensor]:
@@ -25,7 +23,7 @@ def collate(sequences: Sequence[TokenSequence]) -> tuple[TokenBatch, torch.Tenso
     lengths = [len(s) for s in sequences]
     width = max(lengths)
     columns: dict[str, torch.Tensor] = {}
-    for name in _FIELDS:
+    for name in STREAMS:
         first = getattr(sequences[0], name)
         dtype = np.float32 if first.dtype.kind == "f" else np.int64
         block = np.zeros((len(sequences), width), dtype=dtype)

@@ -31,7 +31,9 @@ import torch
 from fhir_adapter.tokenizer import TokenSequence, close_visit, with_task_token
 from fhir_adapter.vocabulary import CLS, PAD, TASK_TOKENS, UNK, TokenType, Vocabulary
 from model.batching import collate
-from model.network import EHRMamba, ModelState
+from model.mamba import LayerState
+from model.network import STREAMS, EHRMamba, ModelState, TokenBatch
+from model.onnx_step import OnnxStep
 from model.state import concat, pick_captured, select
 from model.tasks import Task
 
@@ -81,11 +83,19 @@ def extends(old: TokenSequence, new: TokenSequence) -> bool:
 
 
 class Engine:
-    """Scores batches of patients with one model and its vocabulary."""
+    """Scores batches of patients with one model and its vocabulary.
 
-    def __init__(self, model: EHRMamba, vocab: Vocabulary) -> None:
+    ``onnx_step`` (the model's step exported with ``model.onnx_step.export_step``) runs the
+    single-token steps (task branches, forecasts) in onnxruntime instead of PyTorch; the
+    scan stays in PyTorch either way.
+    """
+
+    def __init__(
+        self, model: EHRMamba, vocab: Vocabulary, onnx_step: OnnxStep | None = None
+    ) -> None:
         self.model = model.eval()
         self.vocab = vocab
+        self.onnx_step = onnx_step
         self._task_ids = {task: vocab.id(task.token) for task in Task}
         mask = torch.zeros(len(vocab), dtype=torch.bool)
         mask[[vocab.id(t) for t in _NOT_FORECAST]] = True
@@ -192,8 +202,8 @@ class Engine:
             return results
         steps = [_last(with_task_token(seq, self._task_ids[task]), 1) for _, task, _, seq in pairs]
         batch, _ = collate(steps)
-        hidden, _, _ = self.model(batch, concat([state for _, _, state, _ in pairs]))
-        probs = torch.sigmoid(self.model.task_logit(hidden[:, 0]))
+        hidden, _ = self._step(batch, concat([state for _, _, state, _ in pairs]))
+        probs = torch.sigmoid(self.model.task_logit(hidden))
         for (i, task, _, _), p in zip(pairs, probs.tolist(), strict=True):
             results[i][task] = float(p)
         return results
@@ -238,9 +248,24 @@ class Engine:
                 for i, seq in enumerate(sequences)
             ]
             batch, _ = collate([_last(seq, 1) for seq in sequences])
-            step_hidden, state, _ = self.model(batch, state)
-            hidden = step_hidden[:, 0]
+            hidden, state = self._step(batch, state)
         return [tuple(f) for f in out]
+
+    def _step(self, batch: TokenBatch, state: ModelState) -> tuple[torch.Tensor, ModelState]:
+        """One token per row (b, 1) from ``state``: hidden (b, h) and the new state, through
+        onnxruntime when the engine has an exported step, else PyTorch."""
+        if self.onnx_step is None:
+            hidden, end, _ = self.model(batch, state)
+            return hidden[:, 0], end
+        columns = [getattr(batch, name)[:, 0].numpy() for name in STREAMS]
+        conv = torch.stack([s.conv for s in state.layers]).numpy()
+        ssm = torch.stack([s.ssm for s in state.layers]).numpy()
+        hidden, _, _, conv_out, ssm_out = self.onnx_step.run(*columns, conv, ssm)
+        layers = tuple(
+            LayerState(torch.from_numpy(conv_out[i]), torch.from_numpy(ssm_out[i]))
+            for i in range(conv_out.shape[0])
+        )
+        return torch.from_numpy(hidden), ModelState(layers)
 
 
 @dataclass(frozen=True)

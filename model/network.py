@@ -40,6 +40,9 @@ class TokenBatch:
     visit_order: torch.Tensor
 
 
+STREAMS = ("concept", "type", "age", "time", "segment", "visit_order")  # TokenBatch's fields
+
+
 @dataclass(frozen=True)
 class ModelState:
     """The recurrent state of every block; what the engine caches per patient."""

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from model.mamba import LayerState
-from model.network import EHRMamba, ModelState, TokenBatch
+from model.network import STREAMS, EHRMamba, ModelState, TokenBatch
 
-INPUTS = ("concept", "type", "age", "time", "segment", "visit_order", "conv", "ssm")
+INPUTS = (*STREAMS, "conv", "ssm")
 OUTPUTS = ("hidden", "logits", "task_logit", "conv_out", "ssm_out")
 
 
@@ -108,6 +108,8 @@ class OnnxStep:
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
         options = ort.SessionOptions()
+        # Idle onnxruntime workers spin by default and starve PyTorch's threads between steps.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -4,6 +4,7 @@ continuation, forecasting and state bytes."""
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from model.batching import collate
 from model.config import ModelConfig
 from model.engine import CachedScan, Engine, PatientInput, extends
 from model.network import EHRMamba
+from model.onnx_step import OnnxStep, export_step
 from model.state import from_bytes, to_bytes
 from model.tasks import Task
 
@@ -189,3 +191,18 @@ def test_cache_entry_holds_the_length_of_stay_state(engine: Engine) -> None:
     [result] = engine.score([PatientInput(seq, los_cut=cut)], [Task.LENGTH_OF_STAY])
     assert isinstance(result.cache, CachedScan)
     assert set(result.cache.cut_states) == {cut}
+
+
+def test_onnx_step_backend_gives_the_same_results(engine: Engine, tmp_path: Path) -> None:
+    onnx = Engine(engine.model, VOCAB, OnnxStep(export_step(engine.model, tmp_path / "s.onnx")))
+    inputs = [
+        PatientInput(s := _sequence(3, 30, True, seed=11), los_cut=_los_cut(s)),
+        PatientInput(_sequence(2, 5, False, seed=12)),
+    ]
+    torch_results = engine.score(inputs, list(Task), forecast=4)
+    onnx_results = onnx.score(inputs, list(Task), forecast=4)
+    for a, b in zip(torch_results, onnx_results, strict=True):
+        assert a.probabilities.keys() == b.probabilities.keys()
+        for task, p in a.probabilities.items():
+            assert b.probabilities[task] == pytest.approx(p, abs=1e-4)
+        assert [f.token for f in a.forecast] == [f.token for f in b.forecast]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.network import EHRMamba, ModelState, TokenBatch
+from model.network import STREAMS, EHRMamba, ModelState, TokenBatch
 from model.onnx_step import OUTPUTS, OnnxStep, StepGraph, example_inputs, export_step
 
 
@@ -51,6 +51,6 @@ def test_step_graph_is_the_model_recurrence(exported: tuple[EHRMamba, OnnxStep])
     ssm = torch.stack([s.ssm for s in empty.layers]).numpy()
     for t in range(length):
         columns = [getattr(batch, f)[:, t].numpy() for f in
-                   ("concept", "type", "age", "time", "segment", "visit_order")]  # fmt: skip
+                   STREAMS]  # fmt: skip
         hidden, _, _, conv, ssm = step.run(*columns, conv, ssm)
         assert np.abs(hidden[0] - parallel[0, t].numpy()).max() < 1e-4
