@@ -13,6 +13,8 @@ Cases (random weights; timing does not depend on them):
   six tasks (``ours_incremental`` vs ``ours_recompute``, both through the engine).
 - ``recurrent_step``: one token through the step, PyTorch against onnxruntime; and the two
   serving cases again with the engine's single-token steps in onnxruntime (``*_onnx_steps``).
+- ``train_step``: forward and backward of a next-token loss, compiled backward against
+  autograd through the reference loop.
 - ``compute_floor``: FLOPs of the forward over the measured matmul throughput.
 
 Every measurement is a median over ``runs``; ``peak_mb`` is the largest rise of this
@@ -39,6 +41,7 @@ import torch
 from bench.synthetic import synthetic_batch
 from fhir_adapter.tokenizer import TokenSequence, with_task_token
 from fhir_adapter.vocabulary import TokenType, Vocabulary
+from model import scan
 from model.batching import collate
 from model.config import ModelConfig, sized
 from model.engine import Engine, PatientInput
@@ -63,7 +66,7 @@ class Measurement:
     note: str = ""
 
 
-CASES = ("forward", "serving", "floor")
+CASES = ("forward", "serving", "training", "floor")
 
 
 def run(
@@ -85,6 +88,8 @@ def run(
                 yield from _full_forward(ours, config, size, tokens, quick)
         if "serving" in cases and size == "compact":
             yield from _serving_cases(ours, vocab, quick)
+        if "training" in cases and size == "compact":
+            yield from _training_cases(ours, config)
         if "floor" in cases:
             yield _floor(config, 2048)
 
@@ -228,6 +233,43 @@ def _forward_chunked(model: EHRMamba, batch: TokenBatch) -> torch.Tensor:
         hidden, state, _ = model(part, state)
         outs.append(hidden)
     return torch.cat(outs, dim=1)
+
+
+def _training_cases(model: EHRMamba, config: ModelConfig) -> Iterator[Measurement]:
+    """Forward and backward of a next-token loss: compiled backward against autograd
+    through the reference loop (128 tokens: the reference takes seconds), then the
+    compiled path at a training-sized batch of 4 x 512."""
+    model.train()
+
+    def train_step(batch: TokenBatch) -> None:
+        with torch.enable_grad():
+            hidden, _, _ = model(batch)
+            model.next_token_logits(hidden).logsumexp(-1).mean().backward()
+        model.zero_grad()
+
+    small = synthetic_batch(1, 128, config.vocab_size)
+    yield _measure(
+        "train_step", "ours_compiled_backward", "compact", 128, 3, lambda: train_step(small)
+    )
+    with _reference_scan():
+        yield _measure(
+            "train_step", "ours_reference_autograd", "compact", 128, 1, lambda: train_step(small)
+        )
+    large = synthetic_batch(4, 512, config.vocab_size)
+    yield _measure(
+        "train_step", "ours_compiled_backward", "compact", 2048, 3, lambda: train_step(large)
+    )
+    model.eval()
+
+
+@contextmanager
+def _reference_scan() -> Iterator[None]:
+    compiled = scan.compiled_scan
+    scan.compiled_scan = scan.reference_scan
+    try:
+        yield
+    finally:
+        scan.compiled_scan = compiled
 
 
 def _split(batch: TokenBatch, at: int) -> tuple[TokenBatch, TokenBatch]:

@@ -17,7 +17,7 @@ def model(
     ] = None,
     quick: Annotated[bool, typer.Option(help="Short sequences, one run each.")] = False,
     case: Annotated[
-        list[str] | None, typer.Option(help="forward, serving and/or floor (default: all).")
+        list[str] | None, typer.Option(help="forward, serving, training, floor (default: all).")
     ] = None,
 ) -> None:
     """Full forward, one-pass scoring, incremental update and step speed, side by side."""

@@ -113,10 +113,14 @@ class MambaMixer(nn.Module):
         captured: LayerState | None = None
         if x.is_cuda and state is None and capture is None and scan.cuda_scan is not None:
             y, h = scan.cuda_scan(u, delta, A, B, C, self.D)
-        elif torch.is_grad_enabled() or x.device.type != "cpu":
+        elif x.device.type != "cpu":
             if capture is not None:
-                raise ValueError("state capture needs no-grad mode on CPU")
+                raise ValueError("state capture runs on CPU")
             y, h = reference_scan(u, delta, A, B, C, self.D, start.ssm)
+        elif torch.is_grad_enabled():
+            if capture is not None:
+                raise ValueError("state capture needs no-grad mode")
+            y, h = scan.compiled_scan(u, delta, A, B, C, self.D, start.ssm)
         else:
             y, h, ssm_captured = fast_scan(u, delta, A, B, C, self.D, start.ssm, capture)
             if capture is not None and ssm_captured is not None:

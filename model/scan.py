@@ -20,10 +20,13 @@ section 2 and the simplified B of its appendix):
   parallel task per (batch, channel)). It also returns the state after any requested
   positions ("captures"), which is how the engine gets the state at each task's cut point
   from one pass, and why right-padding never disturbs a state that is used.
-It is inference-only (no gradients).
+Training uses ``compiled_scan``: the same forward, plus a compiled backward that
+recomputes each chunk's states from a checkpoint and runs the reverse recurrence.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numba
 import numpy as np
@@ -132,6 +135,91 @@ def fast_scan(
         return torch.from_numpy(y), torch.from_numpy(h), out_captured
 
 
+class _CompiledScan(torch.autograd.Function):
+    """The compiled scan with a compiled backward: the reverse recurrence (Mamba paper,
+    appendix: the gradient of a linear recurrence is a linear recurrence run backwards).
+
+    Forward keeps only the state at each chunk start; backward recomputes a chunk's states
+    from its checkpoint, then walks it in reverse. Memory stays O(length / CHUNK) states.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        u: torch.Tensor,
+        delta: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        D: torch.Tensor,
+        h0: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, length, _ = u.shape
+        starts = list(range(0, length, CHUNK))
+        capture = torch.tensor([[s - 1 for s in starts[1:]]] * b, dtype=torch.int64)
+        y, h, checkpoints = fast_scan(
+            u, delta, A, B, C, D, h0, capture if len(starts) > 1 else None
+        )
+        first = h0.detach().float().unsqueeze(1)
+        saved = first if checkpoints is None else torch.cat([first, checkpoints], dim=1)
+        ctx.save_for_backward(u, delta, A, B, C, D, saved)
+        return y, h
+
+    @staticmethod
+    def backward(
+        ctx: Any, dy: torch.Tensor, dh_last: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ...]:
+        u, delta, A, B, C, D, checkpoints = ctx.saved_tensors
+        b, length, d = u.shape
+        n = A.shape[1]
+        u32, delta32, B32, C32 = _np(u), _np(delta), _np(B), _np(C)
+        A32, D32, dy32 = _np(A), _np(D), _np(dy)
+        dh = _np(dh_last).copy() if dh_last is not None else np.zeros((b, d, n), np.float32)
+        du = np.empty((b, length, d), np.float32)
+        ddelta = np.empty((b, length, d), np.float32)
+        dB = np.empty((b, length, n), np.float32)
+        dC = np.empty((b, length, n), np.float32)
+        dA_part = np.zeros((b, d, n), np.float32)
+        dD_part = np.zeros((b, d), np.float32)
+        A_t = A.detach().float()
+        saved = _np(checkpoints)
+        for index in reversed(range(saved.shape[1])):
+            start = index * CHUNK
+            stop = min(start + CHUNK, length)
+            steps = stop - start
+            decay = torch.exp(torch.from_numpy(delta32[:, start:stop]).unsqueeze(-1) * A_t)
+            states = np.empty((b, d, steps, n), np.float32)
+            dB_part = np.empty((b, d, steps, n), np.float32)
+            dC_part = np.empty((b, d, steps, n), np.float32)
+            _scan_chunk_backward(
+                decay.numpy(), u32[:, start:stop], delta32[:, start:stop], A32,
+                B32[:, start:stop], C32[:, start:stop], D32, saved[:, index],
+                dy32[:, start:stop], dh, du[:, start:stop], ddelta[:, start:stop],
+                dA_part, dB_part, dC_part, dD_part, states,
+            )  # fmt: skip
+            dB[:, start:stop] = dB_part.sum(axis=1)
+            dC[:, start:stop] = dC_part.sum(axis=1)
+        grads = (du, ddelta, dA_part.sum(axis=0), dB, dC, dD_part.sum(axis=0), dh)
+        like = (u, delta, A, B, C, D, checkpoints)
+        return tuple(torch.from_numpy(g).to(x.dtype) for g, x in zip(grads, like, strict=True))
+
+
+def compiled_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    h0: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compiled scan with gradients (CPU). Shapes and results as ``reference_scan``."""
+    b, _, d = u.shape
+    start = h0 if h0 is not None else u.new_zeros(b, d, A.shape[1])
+    y, h = _CompiledScan.apply(u, delta, A, B, C, D, start)  # type: ignore[no-untyped-call]
+    return y, h
+
+
 def _np(x: torch.Tensor) -> npt.NDArray[np.float32]:
     return np.ascontiguousarray(x.detach().float().cpu().numpy())
 
@@ -165,3 +253,57 @@ def _scan_chunk(
             if slot >= 0:
                 captured[bi, slot, di, :] = state
         h[bi, di] = state
+
+
+@numba.njit(parallel=True, cache=True, fastmath=True)
+def _scan_chunk_backward(
+    decay: npt.NDArray[np.float32],  # (b, T, d, n)
+    u: npt.NDArray[np.float32],  # (b, T, d)
+    delta: npt.NDArray[np.float32],  # (b, T, d)
+    A: npt.NDArray[np.float32],  # (d, n)
+    B: npt.NDArray[np.float32],  # (b, T, n)
+    C: npt.NDArray[np.float32],  # (b, T, n)
+    D: npt.NDArray[np.float32],  # (d,)
+    h_start: npt.NDArray[np.float32],  # (b, d, n): state before the chunk
+    dy: npt.NDArray[np.float32],  # (b, T, d)
+    dh: npt.NDArray[np.float32],  # (b, d, n): gradient after the chunk in, before it out
+    du: npt.NDArray[np.float32],  # (b, T, d), written
+    ddelta: npt.NDArray[np.float32],  # (b, T, d), written
+    dA_part: npt.NDArray[np.float32],  # (b, d, n), accumulated
+    dB_part: npt.NDArray[np.float32],  # (b, d, T, n), written (summed over d by the caller)
+    dC_part: npt.NDArray[np.float32],  # (b, d, T, n), written (summed over d by the caller)
+    dD_part: npt.NDArray[np.float32],  # (b, d), accumulated
+    states: npt.NDArray[np.float32],  # (b, d, T, n), scratch
+) -> None:
+    nb, steps, nd, nn = decay.shape
+    for job in numba.prange(nb * nd):
+        bi = job // nd
+        di = job % nd
+        h = h_start[bi, di].copy()
+        for t in range(steps):  # recompute the chunk's states from its checkpoint
+            drive = delta[bi, t, di] * u[bi, t, di]
+            for ni in range(nn):
+                h[ni] = decay[bi, t, di, ni] * h[ni] + drive * B[bi, t, ni]
+                states[bi, di, t, ni] = h[ni]
+        g = dh[bi, di].copy()  # dL/dh_t, carried backwards
+        for t in range(steps - 1, -1, -1):
+            dyt = dy[bi, t, di]
+            ut = u[bi, t, di]
+            dl = delta[bi, t, di]
+            dD_part[bi, di] += dyt * ut
+            du_t = dyt * D[di]
+            dl_t = 0.0
+            for ni in range(nn):
+                g[ni] += dyt * C[bi, t, ni]  # y_t = C_t . h_t + D u_t
+                dC_part[bi, di, t, ni] = dyt * states[bi, di, t, ni]
+                previous = states[bi, di, t - 1, ni] if t > 0 else h_start[bi, di, ni]
+                a = decay[bi, t, di, ni]
+                da = g[ni] * previous  # h_t = a_t h_{t-1} + delta_t u_t B_t
+                dl_t += da * a * A[di, ni] + g[ni] * ut * B[bi, t, ni]
+                dA_part[bi, di, ni] += da * a * dl
+                dB_part[bi, di, t, ni] = g[ni] * dl * ut
+                du_t += g[ni] * dl * B[bi, t, ni]
+                g[ni] = g[ni] * a
+            du[bi, t, di] = du_t
+            ddelta[bi, t, di] = dl_t
+        dh[bi, di] = g
