@@ -27,6 +27,7 @@ import torch
 from bench.synthetic import synthetic_batch
 from model import scan
 from model.config import sized
+from model.interop import to_transformers
 from model.network import EHRMamba, TokenBatch
 
 
@@ -40,25 +41,6 @@ def _time(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     return statistics.median(times), out
-
-
-def _stock(model: EHRMamba) -> Any:
-    from transformers import MambaConfig, MambaModel
-
-    c = model.config
-    config = MambaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        state_size=c.state_size,
-        num_hidden_layers=c.num_hidden_layers,
-        conv_kernel=c.conv_kernel,
-        expand=c.expand,
-        time_step_rank=c.dt_rank,
-        use_cache=False,
-    )
-    stock = MambaModel(config)
-    stock.load_state_dict(model.backbone.state_dict())
-    return stock.eval()
 
 
 def _compare(model: EHRMamba, stock: Any, size: str, batch: TokenBatch) -> list[dict[str, Any]]:
@@ -113,7 +95,7 @@ def main() -> None:
     for size in ("compact", "paper"):
         torch.manual_seed(0)
         model = EHRMamba(sized(size, 500, dropout=0.0)).to(device).eval()
-        stock = _stock(model).to(device)
+        stock = to_transformers(model).to(device)
         for b in (1, 8):
             with torch.no_grad():
                 rows.extend(_compare(model, stock, size, synthetic_batch(b, 2048, 500, device)))

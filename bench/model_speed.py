@@ -45,6 +45,7 @@ from model import scan
 from model.batching import collate
 from model.config import ModelConfig, sized
 from model.engine import Engine, PatientInput
+from model.interop import to_transformers
 from model.network import EHRMamba, ModelState, TokenBatch
 from model.onnx_step import OnnxStep, StepGraph, example_inputs, export_step
 from model.tasks import Task
@@ -107,7 +108,7 @@ def _full_forward(
             skipped = "skipped: minutes and gigabytes"
             yield Measurement("full_forward", impl, size, tokens, math.nan, math.nan, 0, skipped)
         return
-    stock = _stock_mamba(ours)
+    stock = to_transformers(ours)
     embeds = ours.input_embeddings(batch).detach()
     yield _measure(
         "full_forward", "transformers", size, tokens, 1, lambda: stock(inputs_embeds=embeds)
@@ -278,28 +279,6 @@ def _split(batch: TokenBatch, at: int) -> tuple[TokenBatch, TokenBatch]:
         TokenBatch(*(getattr(batch, f)[:, :at] for f in names)),
         TokenBatch(*(getattr(batch, f)[:, at:] for f in names)),
     )
-
-
-def _stock_mamba(ours: EHRMamba) -> Any:
-    from transformers import MambaConfig, MambaModel
-
-    c = ours.config
-    model = MambaModel(
-        MambaConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            state_size=c.state_size,
-            num_hidden_layers=c.num_hidden_layers,
-            conv_kernel=c.conv_kernel,
-            expand=c.expand,
-            time_step_rank=c.dt_rank,
-            use_bias=c.use_bias,
-            use_conv_bias=c.use_conv_bias,
-            use_cache=False,
-        )
-    )
-    model.load_state_dict(ours.backbone.state_dict())
-    return model.eval()
 
 
 def _bert(config: ModelConfig) -> Any:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import MambaConfig, MambaModel
+from transformers import MambaModel
 
 from model import scan
 from model.config import ModelConfig
+from model.interop import to_transformers
 from model.network import EHRMamba, ModelState, TokenBatch
 
 TOL = 2e-5
@@ -17,21 +18,6 @@ VOCAB = 60
 
 def _config() -> ModelConfig:
     return ModelConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, dropout=0.0)
-
-
-def _reference(config: ModelConfig) -> MambaModel:
-    reference = MambaModel(
-        MambaConfig(
-            vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-            state_size=config.state_size, num_hidden_layers=config.num_hidden_layers,
-            conv_kernel=config.conv_kernel, expand=config.expand,
-            time_step_rank=config.dt_rank, layer_norm_epsilon=config.layer_norm_epsilon,
-            use_bias=config.use_bias, use_conv_bias=config.use_conv_bias,
-            hidden_act="silu", residual_in_fp32=True,
-        )
-    )  # fmt: skip
-    reference.eval()
-    return reference
 
 
 def _batch(b: int, length: int, seed: int = 0) -> TokenBatch:
@@ -59,8 +45,7 @@ def model() -> EHRMamba:
 
 
 def test_backbone_weights_load_into_transformers_and_back(model: EHRMamba) -> None:
-    reference = _reference(model.config)
-    reference.load_state_dict(model.backbone.state_dict(), strict=True)
+    reference = to_transformers(model)
     copy = EHRMamba(model.config).eval()
     copy.backbone.load_state_dict(reference.state_dict(), strict=True)
     for name, tensor in model.backbone.state_dict().items():
@@ -69,8 +54,8 @@ def test_backbone_weights_load_into_transformers_and_back(model: EHRMamba) -> No
 
 @pytest.mark.parametrize("grad", [False, True], ids=["fast-scan", "reference-scan"])
 def test_full_forward_matches_transformers(model: EHRMamba, grad: bool) -> None:
-    reference = _reference(model.config)
-    reference.load_state_dict(model.backbone.state_dict())
+    reference = to_transformers(model)
+    assert isinstance(reference, MambaModel)
     batch = _batch(2, 150)  # crosses a fast-scan chunk boundary
     with torch.no_grad():
         expected = reference(inputs_embeds=model.input_embeddings(batch)).last_hidden_state
