@@ -64,9 +64,22 @@ class PatientInput:
 
 @dataclass(frozen=True)
 class ForecastStep:
+    """One forecast event: the token chosen, its probability and the top candidates."""
+
     token: str
     probability: float
     candidates: tuple[tuple[str, float], ...]
+
+    @property
+    def code(self) -> str:
+        """The event's code without a lab bin (``LOINC|2345-7#3`` -> ``LOINC|2345-7``)."""
+        return self.token.split("#", 1)[0]
+
+    @property
+    def lab_bin(self) -> int | None:
+        """The forecast lab value bin (0 lowest to 4 highest), None for other tokens."""
+        _, sep, bin_ = self.token.partition("#")
+        return int(bin_) if sep and bin_.isdigit() else None
 
 
 @dataclass(frozen=True)

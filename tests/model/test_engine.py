@@ -23,7 +23,7 @@ from fhir_adapter.tokenizer import TokenSequence, close_visit, tokenize, with_ta
 from fhir_adapter.vocabulary import CLS, PAD, TASK_TOKENS, UNK, TokenType, Vocabulary
 from model.batching import collate
 from model.config import ModelConfig
-from model.engine import CachedScan, Engine, PatientInput, extends
+from model.engine import CachedScan, Engine, ForecastStep, PatientInput, extends
 from model.network import EHRMamba
 from model.onnx_step import OnnxStep, export_step
 from model.state import from_bytes, to_bytes
@@ -206,3 +206,11 @@ def test_onnx_step_backend_gives_the_same_results(engine: Engine, tmp_path: Path
         for task, p in a.probabilities.items():
             assert b.probabilities[task] == pytest.approx(p, abs=1e-4)
         assert [f.token for f in a.forecast] == [f.token for f in b.forecast]
+
+
+def test_forecast_steps_decode_codes_and_lab_bins() -> None:
+    lab = ForecastStep("LOINC|2345-7#3", 0.4, ())
+    assert (lab.code, lab.lab_bin) == ("LOINC|2345-7", 3)
+    drug = ForecastStep("RXNORM|197361", 0.2, ())
+    assert (drug.code, drug.lab_bin) == ("RXNORM|197361", None)
+    assert ForecastStep("[VE]", 0.1, ()).lab_bin is None
