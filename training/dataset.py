@@ -32,7 +32,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -329,12 +329,20 @@ def _token_row(source: int, patient_id: str, seq: TokenSequence) -> dict[str, An
     return row
 
 
-def read_sequences(out: Path, split: str) -> Iterator[tuple[str, TokenSequence]]:
-    """``(patient_id, sequence)`` for every patient of a split, in file order."""
+class PatientSequence(NamedTuple):
+    """One patient's whole sequence; ``source`` is the index of the build's source."""
+
+    source: int
+    patient_id: str
+    sequence: TokenSequence
+
+
+def read_sequences(out: Path, split: str) -> Iterator[PatientSequence]:
+    """Every patient of a split, in file order."""
     for part in sorted((out / "tokens" / split).glob("part-*.parquet")):
         table = pq.read_table(part)
         for row in table.to_pylist():
-            yield row["patient_id"], _sequence(row)
+            yield PatientSequence(row["source"], row["patient_id"], _sequence(row))
 
 
 def read_samples(out: Path) -> pa.Table:

@@ -16,27 +16,9 @@ from fhir_adapter.timeline import EventKind, Timeline
 from fhir_adapter.tokenizer import tokenize
 from fhir_adapter.vocabulary import Vocabulary
 from model.tasks import Task
-from tests.support.samples import extract_synthea, require_shared_data
+from tests.training.conftest import PATIENTS
 from training.dataset import BuildConfig, build_dataset, read_samples, read_sequences
 from training.splits import SPLITS, TRAINING_SPLITS, split_of
-
-PATIENTS = 40
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    require_shared_data()
-    return extract_synthea(tmp_path_factory.mktemp("synthea"), PATIENTS)
-
-
-@pytest.fixture(scope="module")
-def built(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dataset")
-    result = CliRunner().invoke(
-        app, ["data", "build", str(source), "--out", str(out), "--min-count", "2"]
-    )
-    assert result.exit_code == 0, result.output
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +45,7 @@ def test_sequences_equal_tokenizing_again(built: Path, timelines: dict[str, Time
     bins = LabBins.load(built / "lab_bins.json")
     seen = 0
     for split in SPLITS:
-        for pid, seq in read_sequences(built, split):
+        for _, pid, seq in read_sequences(built, split):
             assert split_of(pid) == split
             assert seq == tokenize(timelines[pid], vocab, bins)
             seen += 1
@@ -75,7 +57,7 @@ def test_sample_inputs_are_the_prefix_known_at_the_cut(
 ) -> None:
     vocab = Vocabulary.load(built / "vocab.json")
     bins = LabBins.load(built / "lab_bins.json")
-    sequences = {pid: seq for s in SPLITS for pid, seq in read_sequences(built, s)}
+    sequences = {pid: seq for s in SPLITS for _, pid, seq in read_sequences(built, s)}
     samples = read_samples(built).to_pylist()
     timed = [s for s in samples if s["cut_time"] is not None]
     assert {s["task"] for s in timed} >= {"mortality", "readmission"}
