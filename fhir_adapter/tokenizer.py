@@ -85,6 +85,10 @@ class TokenSequence:
         """The first ``length`` tokens (a view, no copy)."""
         return replace(self, **{f: getattr(self, f)[:length] for f in _ARRAYS})
 
+    def suffix(self, start: int) -> TokenSequence:
+        """The tokens from ``start`` on (a view, no copy)."""
+        return replace(self, **{f: getattr(self, f)[start:] for f in _ARRAYS})
+
     def cut(self, at: datetime) -> int:
         """How many tokens are known at ``at``: the prefix length for that cut time."""
         return int(np.searchsorted(self.timestamp, _seconds(at), side="right"))
@@ -230,6 +234,12 @@ def with_task_token(seq: TokenSequence, task_token_id: int) -> TokenSequence:
     The task token takes the last token's time and age, type TASK, segment and visit order 0.
     """
     return _append(seq, (task_token_id,), (TokenType.TASK,), in_visit=False)
+
+
+def append_event(seq: TokenSequence, token_id: int, kind: TokenType) -> TokenSequence:
+    """``seq`` and one more token inside its last visit, at the last token's time: how a
+    forecast event is fed back."""
+    return _append(seq, (token_id,), (kind,), in_visit=True)
 
 
 def _append(

@@ -21,15 +21,12 @@ recompute (tested).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from dataclasses import dataclass, field
 
-import numpy as np
-import numpy.typing as npt
 import torch
 
-from fhir_adapter.tokenizer import TokenSequence, close_visit, with_task_token
-from fhir_adapter.vocabulary import CLS, PAD, TASK_TOKENS, UNK, TokenType, Vocabulary
+from fhir_adapter.tokenizer import TokenSequence, append_event, close_visit, with_task_token
+from fhir_adapter.vocabulary import CLS, PAD, TASK_TOKENS, UNK, Vocabulary
 from model.batching import collate
 from model.mamba import LayerState
 from model.network import STREAMS, EHRMamba, ModelState, TokenBatch
@@ -38,7 +35,6 @@ from model.state import concat, pick_captured, select
 from model.tasks import Task
 
 _NOT_FORECAST = (PAD, UNK, CLS, *TASK_TOKENS)
-_ARRAYS = tuple(f.name for f in fields(TokenSequence) if f.name != "truncated")
 
 
 @dataclass(frozen=True)
@@ -156,7 +152,7 @@ class Engine:
         todo = [i for i, p in enumerate(plans) if p.start < len(scanned[i])]
         fresh: dict[int, tuple[torch.Tensor | None, dict[int, ModelState]]] = {}
         if todo:
-            batch, _ = collate([_suffix(scanned[i], plans[i].start) for i in todo])
+            batch, _ = collate([scanned[i].suffix(plans[i].start) for i in todo])
             cuts = [plans[i].capture_cuts(len(inputs[i].sequence), len(scanned[i])) for i in todo]
             capture = torch.full((len(todo), max(len(c) for c in cuts)), -1, dtype=torch.int64)
             for row, (i, row_cuts) in enumerate(zip(todo, cuts, strict=True)):
@@ -213,7 +209,9 @@ class Engine:
         results: list[dict[Task, float]] = [{} for _ in inputs]
         if not pairs:
             return results
-        steps = [_last(with_task_token(seq, self._task_ids[task]), 1) for _, task, _, seq in pairs]
+        steps = [
+            with_task_token(seq, self._task_ids[task]).suffix(len(seq)) for _, task, _, seq in pairs
+        ]
         batch, _ = collate(steps)
         hidden, _ = self._step(batch, concat([state for _, _, state, _ in pairs]))
         probs = torch.sigmoid(self.model.task_logit(hidden))
@@ -257,10 +255,10 @@ class Engine:
                     )
                 )
             sequences = [
-                _append_forecast(seq, int(chosen[i]), self.vocab.type_of(int(chosen[i])))
+                append_event(seq, int(chosen[i]), self.vocab.type_of(int(chosen[i])))
                 for i, seq in enumerate(sequences)
             ]
-            batch, _ = collate([_last(seq, 1) for seq in sequences])
+            batch, _ = collate([seq.suffix(len(seq) - 1) for seq in sequences])
             hidden, state = self._step(batch, state)
         return [tuple(f) for f in out]
 
@@ -313,26 +311,6 @@ def _plan(item: PatientInput, want_los: bool) -> _Plan:
     if los_cut is not None and los_cut < cached.length and los_cut not in cached.cut_states:
         return _Plan(0, los_cut)
     return _Plan(cached.length, los_cut)
-
-
-def _suffix(seq: TokenSequence, start: int) -> TokenSequence:
-    """Tokens from ``start`` on (arrays sliced; a view)."""
-    return replace(seq, **{n: getattr(seq, n)[start:] for n in _ARRAYS})
-
-
-def _last(seq: TokenSequence, count: int) -> TokenSequence:
-    return _suffix(seq, len(seq) - count)
-
-
-def _append_forecast(seq: TokenSequence, token_id: int, kind: TokenType) -> TokenSequence:
-    """The sequence with a generated token appended at the last token's time and visit."""
-    last = len(seq) - 1
-    values: dict[str, npt.NDArray[Any]] = {
-        name: np.concatenate([getattr(seq, name), getattr(seq, name)[last:]]) for name in _ARRAYS
-    }
-    values["concept"][-1] = token_id
-    values["type"][-1] = int(kind)
-    return TokenSequence(**values, truncated=seq.truncated)
 
 
 def _choose(probs: torch.Tensor, top_p: float | None, generator: torch.Generator) -> torch.Tensor:
