@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import bench, data
+from cli import bench, data, train
 
 app = typer.Typer(
     name="ehrmamba",
@@ -15,3 +15,4 @@ app = typer.Typer(
 )
 app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")
+app.add_typer(train.app)

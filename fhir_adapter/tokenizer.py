@@ -183,11 +183,25 @@ def truncate(seq: TokenSequence, max_length: int) -> TokenSequence:
     instead (those tokens mean nothing without their visit), so the result can be one or
     two tokens shorter than ``max_length``.
     """
+    index = kept_positions(seq, max_length)
+    if index is None:
+        return seq
+    out = {f: getattr(seq, f)[index].copy() for f in _ARRAYS}
+    # [CLS] takes the time of the token after it, so timestamps still never decrease.
+    for name in ("age", "time", "timestamp"):
+        out[name][0] = out[name][1]
+    return TokenSequence(**out, truncated=True)
+
+
+def kept_positions(seq: TokenSequence, max_length: int) -> npt.NDArray[np.int64] | None:
+    """The positions of ``seq`` that ``truncate`` keeps, in order (None: all of them). The
+    first one or two are the re-prepended ``[CLS]`` (and ``[VS]``); the rest are a
+    contiguous run ending at the last token."""
     if max_length < 3:
         raise ValueError("max_length must leave room for [CLS], [VS] and one token")
     n = len(seq)
     if n <= max_length:
-        return seq
+        return None
     start = n - (max_length - 1)
     after_closing = start
     while after_closing < n and seq.type[after_closing] in _CLOSING:
@@ -199,12 +213,7 @@ def truncate(seq: TokenSequence, max_length: int) -> TokenSequence:
         start += 1
         visit_starts = np.flatnonzero(seq.type[:start] == TokenType.VISIT_START)
         head.append(int(visit_starts[-1]))
-    index = np.concatenate([np.array(head, dtype=np.int64), np.arange(start, n)])
-    out = {f: getattr(seq, f)[index].copy() for f in _ARRAYS}
-    # [CLS] takes the time of the token after it, so timestamps still never decrease.
-    for name in ("age", "time", "timestamp"):
-        out[name][0] = out[name][1]
-    return TokenSequence(**out, truncated=True)
+    return np.concatenate([np.array(head, dtype=np.int64), np.arange(start, n)])
 
 
 def is_visit_open(seq: TokenSequence) -> bool:

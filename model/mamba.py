@@ -90,7 +90,8 @@ class MambaMixer(nn.Module):
         """x (b, l, h) -> (out (b, l, h), state after the last step, captured states).
 
         ``capture`` (b, k) asks for the state after position t of each row (-1: none); it
-        gives LayerState(conv (b, k, d, K-1), ssm (b, k, d, n)). Needs no-grad mode.
+        gives LayerState(conv (b, k, d, K-1), ssm (b, k, d, n)), differentiable in
+        training (the state a task token's branch starts from).
         """
         b = x.shape[0]
         start = state or self.empty_state(b, x.device)
@@ -110,21 +111,18 @@ class MambaMixer(nn.Module):
         u = F.silu(conv)  # (b, l, d)
         delta, B, C = self._selection(u)
         A = -torch.exp(self.A_log.float())  # (d, n)
-        captured: LayerState | None = None
+        ssm_captured: torch.Tensor | None = None
         if x.is_cuda and state is None and capture is None and scan.cuda_scan is not None:
             y, h = scan.cuda_scan(u, delta, A, B, C, self.D)
         elif x.device.type != "cpu":
-            if capture is not None:
-                raise ValueError("state capture runs on CPU")
-            y, h = reference_scan(u, delta, A, B, C, self.D, start.ssm)
+            y, h, ssm_captured = reference_scan(u, delta, A, B, C, self.D, start.ssm, capture)
         elif torch.is_grad_enabled():
-            if capture is not None:
-                raise ValueError("state capture needs no-grad mode")
-            y, h = scan.compiled_scan(u, delta, A, B, C, self.D, start.ssm)
+            y, h, ssm_captured = scan.compiled_scan(u, delta, A, B, C, self.D, start.ssm, capture)
         else:
             y, h, ssm_captured = fast_scan(u, delta, A, B, C, self.D, start.ssm, capture)
-            if capture is not None and ssm_captured is not None:
-                captured = LayerState(_conv_windows(conv_in, capture, self.kernel), ssm_captured)
+        captured: LayerState | None = None
+        if capture is not None and ssm_captured is not None:
+            captured = LayerState(_conv_windows(conv_in, capture, self.kernel), ssm_captured)
         out = self.out_proj((y * F.silu(z)).to(x.dtype))
         end = LayerState(conv_in[:, length:].transpose(1, 2), h)
         return out, end, captured

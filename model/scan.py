@@ -72,20 +72,29 @@ def reference_scan(
     C: torch.Tensor,
     D: torch.Tensor,
     h0: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    capture: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Differentiable scan. u, delta: (b, l, d); A: (d, n); B, C: (b, l, n); D: (d,);
-    h0: (b, d, n) or None for zeros. Returns y (b, l, d) and the last state (b, d, n)."""
+    h0: (b, d, n) or None for zeros; capture (b, k): positions t whose state (after step t)
+    to return, -1 for none. Returns y (b, l, d), the last state (b, d, n) and the captured
+    states (b, k, d, n) (zeros at -1), or None without ``capture``."""
     b, length, d = u.shape
     n = A.shape[1]
     h = h0 if h0 is not None else u.new_zeros(b, d, n)
     decay = torch.exp(delta.unsqueeze(-1) * A)  # (b, l, d, n)
     drive = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # (b, l, d, n)
-    ys = []
+    ys, hs = [], []
     for t in range(length):
         h = decay[:, t] * h + drive[:, t]
+        hs.append(h)
         ys.append(torch.einsum("bdn,bn->bd", h, C[:, t]))
     y = torch.stack(ys, dim=1) if ys else u.new_zeros(b, 0, d)
-    return y + u * D, h
+    captured = None
+    if capture is not None:
+        every = torch.stack(hs, dim=1)  # (b, l, d, n)
+        rows = torch.arange(b).unsqueeze(1)
+        captured = every[rows, capture.clamp(min=0)] * (capture >= 0).view(*capture.shape, 1, 1)
+    return y + u * D, h, captured
 
 
 def fast_scan(
@@ -110,13 +119,9 @@ def fast_scan(
         D32 = _np(D)
         h = _np(h0).copy() if h0 is not None else np.zeros((b, d, n), dtype=np.float32)
         y = np.empty((b, length, d), dtype=np.float32)
-        slots = np.full((b, length), -1, dtype=np.int64)
-        k = 0
-        if capture is not None:
-            positions = capture.cpu().numpy().astype(np.int64)
-            k = positions.shape[1]
-            for row, col in zip(*np.nonzero(positions >= 0), strict=True):
-                slots[row, positions[row, col]] = col
+        none = torch.zeros(b, 0, dtype=torch.int64)
+        slots = _slots(capture if capture is not None else none, b, length)
+        k = capture.shape[1] if capture is not None else 0
         captured = np.zeros((b, max(k, 1), d, n), dtype=np.float32)
         A_t = A.detach().float()
         delta_t = torch.from_numpy(delta32)
@@ -141,6 +146,8 @@ class _CompiledScan(torch.autograd.Function):
 
     Forward keeps only the state at each chunk start; backward recomputes a chunk's states
     from its checkpoint, then walks it in reverse. Memory stays O(length / CHUNK) states.
+    Captured states (the state after chosen positions, where training reads a task token's
+    branch) are outputs too: their gradients join the reverse walk at their positions.
     """
 
     @staticmethod
@@ -153,28 +160,37 @@ class _CompiledScan(torch.autograd.Function):
         C: torch.Tensor,
         D: torch.Tensor,
         h0: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        capture: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, length, _ = u.shape
         starts = list(range(0, length, CHUNK))
-        capture = torch.tensor([[s - 1 for s in starts[1:]]] * b, dtype=torch.int64)
-        y, h, checkpoints = fast_scan(
-            u, delta, A, B, C, D, h0, capture if len(starts) > 1 else None
-        )
+        chunk_ends = torch.tensor([[s - 1 for s in starts[1:]]] * b, dtype=torch.int64)
+        wanted = torch.cat([chunk_ends.view(b, -1), capture], dim=1)
+        y, h, states = fast_scan(u, delta, A, B, C, D, h0, wanted if wanted.numel() else None)
         first = h0.detach().float().unsqueeze(1)
-        saved = first if checkpoints is None else torch.cat([first, checkpoints], dim=1)
-        ctx.save_for_backward(u, delta, A, B, C, D, saved)
-        return y, h
+        k_chunks = len(starts) - 1
+        saved = first if states is None else torch.cat([first, states[:, :k_chunks]], dim=1)
+        captured = states[:, k_chunks:] if states is not None else u.new_zeros(b, 0, *h.shape[1:])
+        ctx.save_for_backward(u, delta, A, B, C, D, saved, capture)
+        ctx.mark_non_differentiable(capture)
+        return y, h, captured
 
     @staticmethod
     def backward(
-        ctx: Any, dy: torch.Tensor, dh_last: torch.Tensor | None
-    ) -> tuple[torch.Tensor, ...]:
-        u, delta, A, B, C, D, checkpoints = ctx.saved_tensors
+        ctx: Any,
+        dy: torch.Tensor,
+        dh_last: torch.Tensor | None,
+        dcaptured: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, ...]:
+        u, delta, A, B, C, D, checkpoints, capture = ctx.saved_tensors
         b, length, d = u.shape
         n = A.shape[1]
         u32, delta32, B32, C32 = _np(u), _np(delta), _np(B), _np(C)
         A32, D32, dy32 = _np(A), _np(D), _np(dy)
         dh = _np(dh_last).copy() if dh_last is not None else np.zeros((b, d, n), np.float32)
+        slots = _slots(capture, b, length) if dcaptured is not None else None
+        dcap = _np(dcaptured) if dcaptured is not None else np.zeros((b, 1, d, n), np.float32)
+        no_slots = np.full((b, CHUNK), -1, dtype=np.int64)
         du = np.empty((b, length, d), np.float32)
         ddelta = np.empty((b, length, d), np.float32)
         dB = np.empty((b, length, n), np.float32)
@@ -191,17 +207,20 @@ class _CompiledScan(torch.autograd.Function):
             states = np.empty((b, d, steps, n), np.float32)
             dB_part = np.empty((b, d, steps, n), np.float32)
             dC_part = np.empty((b, d, steps, n), np.float32)
+            chunk_slots = slots[:, start:stop] if slots is not None else no_slots[:, :steps]
             _scan_chunk_backward(
                 decay.numpy(), u32[:, start:stop], delta32[:, start:stop], A32,
                 B32[:, start:stop], C32[:, start:stop], D32, saved[:, index],
-                dy32[:, start:stop], dh, du[:, start:stop], ddelta[:, start:stop],
-                dA_part, dB_part, dC_part, dD_part, states,
+                dy32[:, start:stop], dh, np.ascontiguousarray(chunk_slots), dcap,
+                du[:, start:stop], ddelta[:, start:stop], dA_part, dB_part, dC_part,
+                dD_part, states,
             )  # fmt: skip
             dB[:, start:stop] = dB_part.sum(axis=1)
             dC[:, start:stop] = dC_part.sum(axis=1)
         grads = (du, ddelta, dA_part.sum(axis=0), dB, dC, dD_part.sum(axis=0), dh)
-        like = (u, delta, A, B, C, D, checkpoints)
-        return tuple(torch.from_numpy(g).to(x.dtype) for g, x in zip(grads, like, strict=True))
+        like = (u, delta, A, B, C, D, u)
+        out = tuple(torch.from_numpy(g).to(x.dtype) for g, x in zip(grads, like, strict=True))
+        return (*out, None)
 
 
 def compiled_scan(
@@ -212,12 +231,24 @@ def compiled_scan(
     C: torch.Tensor,
     D: torch.Tensor,
     h0: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The compiled scan with gradients (CPU). Shapes and results as ``reference_scan``."""
+    capture: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The compiled scan with gradients (CPU). Shapes and results as ``fast_scan``,
+    captured states included (and differentiable)."""
     b, _, d = u.shape
     start = h0 if h0 is not None else u.new_zeros(b, d, A.shape[1])
-    y, h = _CompiledScan.apply(u, delta, A, B, C, D, start)  # type: ignore[no-untyped-call]
-    return y, h
+    wanted = capture if capture is not None else torch.zeros(b, 0, dtype=torch.int64)
+    y, h, captured = _CompiledScan.apply(u, delta, A, B, C, D, start, wanted)  # type: ignore[no-untyped-call]
+    return y, h, captured if capture is not None else None
+
+
+def _slots(capture: torch.Tensor, b: int, length: int) -> npt.NDArray[np.int64]:
+    """(b, k) capture positions -> (b, l) slot index at each position, -1 where none."""
+    slots = np.full((b, length), -1, dtype=np.int64)
+    positions = capture.cpu().numpy().astype(np.int64)
+    for row, col in zip(*np.nonzero(positions >= 0), strict=True):
+        slots[row, positions[row, col]] = col
+    return slots
 
 
 def _np(x: torch.Tensor) -> npt.NDArray[np.float32]:
@@ -267,6 +298,8 @@ def _scan_chunk_backward(
     h_start: npt.NDArray[np.float32],  # (b, d, n): state before the chunk
     dy: npt.NDArray[np.float32],  # (b, T, d)
     dh: npt.NDArray[np.float32],  # (b, d, n): gradient after the chunk in, before it out
+    slots: npt.NDArray[np.int64],  # (b, T): capture slot or -1
+    dcap: npt.NDArray[np.float32],  # (b, k, d, n): gradients of the captured states
     du: npt.NDArray[np.float32],  # (b, T, d), written
     ddelta: npt.NDArray[np.float32],  # (b, T, d), written
     dA_part: npt.NDArray[np.float32],  # (b, d, n), accumulated
@@ -287,6 +320,10 @@ def _scan_chunk_backward(
                 states[bi, di, t, ni] = h[ni]
         g = dh[bi, di].copy()  # dL/dh_t, carried backwards
         for t in range(steps - 1, -1, -1):
+            slot = slots[bi, t]
+            if slot >= 0:  # the captured state h_t is read elsewhere: add its gradient
+                for ni in range(nn):
+                    g[ni] += dcap[bi, slot, di, ni]
             dyt = dy[bi, t, di]
             ut = u[bi, t, di]
             dl = delta[bi, t, di]

@@ -83,7 +83,7 @@ def test_fast_scan_matches_the_reference_from_a_state() -> None:
     A = -torch.exp(torch.randn(d, n, generator=g))
     B, C = torch.randn(b, length, n, generator=g), torch.randn(b, length, n, generator=g)
     D, h0 = torch.randn(d, generator=g), torch.randn(b, d, n, generator=g)
-    y_ref, h_ref = scan.reference_scan(u, delta, A, B, C, D, h0)
+    y_ref, h_ref, _ = scan.reference_scan(u, delta, A, B, C, D, h0)
     y, h, _ = scan.fast_scan(u, delta, A, B, C, D, h0)
     assert (y - y_ref).abs().max().item() < TOL
     assert (h - h_ref).abs().max().item() < TOL
@@ -152,12 +152,19 @@ def test_compiled_scan_gradients_equal_autograd_through_the_reference(
         torch.randn(d, generator=g),
         torch.randn(b, d, n, generator=g),
     ]
-    weights = torch.randn(b, length, d, generator=g), torch.randn(b, d, n, generator=g)
+    capture = torch.tensor([[3, -1, 17], [29, 0, 8]])  # crosses chunks; -1 captures nothing
+    weights = (
+        torch.randn(b, length, d, generator=g),
+        torch.randn(b, d, n, generator=g),
+        torch.randn(b, 3, d, n, generator=g),
+    )
     grads = []
     for fn in (scan.reference_scan, scan.compiled_scan):
         leaves = [x.clone().requires_grad_() for x in inputs]
-        y, h = fn(*leaves)
-        ((y * weights[0]).sum() + (h * weights[1]).sum()).backward()
+        y, h, captured = fn(*leaves, capture)
+        assert captured is not None
+        loss = (y * weights[0]).sum() + (h * weights[1]).sum() + (captured * weights[2]).sum()
+        loss.backward()
         grads.append([leaf.grad for leaf in leaves])
     for name, want, got in zip(["u", "delta", "A", "B", "C", "D", "h0"], *grads, strict=True):
         assert want is not None
