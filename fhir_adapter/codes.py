@@ -31,11 +31,73 @@ SYSTEMS: dict[str, str] = {
     "urn:oid:2.16.840.1.113883.6.12": "CPT",
 }
 
+# MIMIC-IV on FHIR (the MIMIC Implementation Guide, https://mimic.mit.edu/fhir) defines its own
+# code systems even where the codes are standard. The guide's canonical base is the first;
+# earlier versions of its ETL (github.com/kind-lab/mimic-fhir) wrote the second, so both are
+# read. ICD codes come without dots (4019, I10, 0DTJ4ZZ), exactly as in MIMIC's tables.
+MIMIC_BASES = ("http://mimic.mit.edu/fhir/mimic", "http://fhir.mimic.mit.edu")
+_MIMIC_CODE_SYSTEMS: dict[str, str] = {
+    # Standard terminologies under MIMIC URIs: the same short names as the HL7 URIs, so the
+    # condition code sets and procedure tokens treat MIMIC exactly like any other source.
+    "mimic-diagnosis-icd9": "ICD9CM",
+    "mimic-diagnosis-icd10": "ICD10CM",
+    "mimic-procedure-icd9": "ICD9CM",  # ICD-9-CM volume 3, as PROCEDURE_SYSTEMS reads it
+    "mimic-procedure-icd10": "ICD10PCS",
+    "procedure-icd9": "ICD9CM",  # the ETL's earlier names for the two procedure systems
+    "procedure-icd10": "ICD10PCS",
+    # MIMIC's local dictionaries: readable names so a token says where it came from.
+    "mimic-d-labitems": "MIMIC-LAB",  # hosp.d_labitems itemid (creatinine is 50912)
+    "mimic-d-items": "MIMIC-ITEM",  # icu.d_items itemid (procedureevents, outputevents)
+    "mimic-chartevents-d-items": "MIMIC-CHART",
+    "mimic-medication-ndc": "MIMIC-NDC",
+    "mimic-medication-gsn": "MIMIC-GSN",
+    "mimic-medication-formulary-drug-cd": "MIMIC-FORMULARY",
+    "mimic-medication-name": "MIMIC-MED-NAME",
+    "mimic-medication-icu": "MIMIC-MED-ICU",  # icu.d_items itemid of inputevents
+    "mimic-medication-poe-iv": "MIMIC-POE-IV",
+    "mimic-medication-mix": "MIMIC-MED-MIX",
+    "mimic-hcpcs-cd": "MIMIC-HCPCS",
+}
+SYSTEMS.update(
+    {
+        f"{base}/CodeSystem/{name}": short
+        for base in MIMIC_BASES
+        for name, short in _MIMIC_CODE_SYSTEMS.items()
+    }
+)
+
+# A MIMIC hospital admission (a row of hosp.admissions) is told apart from the ED and ICU
+# stays of the same export by its identifier system, not by Encounter.class: the ETL copies
+# or maps admission_type into the class (ELECTIVE became AMB, EW EMER. became EMER), which
+# says how the patient came in, not that the patient was admitted.
+MIMIC_ADMISSION_IDENTIFIERS = frozenset(
+    f"{base}/identifier/{name}" for base in MIMIC_BASES for name in ("encounter-hosp", "encounter")
+)
+# The class system that carries admission_type verbatim (EW EMER., URGENT, ELECTIVE, ...).
+MIMIC_ADMISSION_CLASS_SYSTEMS = frozenset(
+    f"{base}/CodeSystem/{name}"
+    for base in MIMIC_BASES
+    for name in ("mimic-admission-class", "admission-class")
+)
+
 # Preferred systems per use, most preferred first: when a concept carries several codings,
 # the first match wins, so the choice does not depend on the order the server lists them.
-PROCEDURE_SYSTEMS = ("SNOMED", "ICD10PCS", "CPT", "ICD9CM")
-MEDICATION_SYSTEMS = ("RXNORM", "SNOMED")
-LAB_SYSTEMS = ("LOINC", "SNOMED")
+# Standard terminologies come before MIMIC's local ones; among MIMIC's medication systems the
+# national codes (NDC, then First Databank's GSN) come before the hospital's formulary code and
+# the free-text drug name, the same order the MIMIC ETL uses to pick a Medication's code.
+PROCEDURE_SYSTEMS = ("SNOMED", "ICD10PCS", "CPT", "ICD9CM", "MIMIC-ITEM")
+MEDICATION_SYSTEMS = (
+    "RXNORM",
+    "SNOMED",
+    "MIMIC-NDC",
+    "MIMIC-GSN",
+    "MIMIC-FORMULARY",
+    "MIMIC-MED-NAME",
+    "MIMIC-MED-ICU",
+    "MIMIC-POE-IV",
+    "MIMIC-MED-MIX",
+)
+LAB_SYSTEMS = ("LOINC", "SNOMED", "MIMIC-LAB")
 CONDITION_SYSTEMS = ("ICD10CM", "ICD9CM", "SNOMED")
 
 

@@ -3,6 +3,8 @@
 Sources: NDJSON (``.ndjson``, ``.ndjson.gz``), a Bulk Data export folder with its
 ``manifest.json``, Bundle files (transaction, batch, collection or searchset, with
 ``urn:uuid`` references resolved), folders of any of these, and tar archives of either.
+A MIMIC-IV on FHIR folder (``MimicPatient.ndjson.gz``, ``MimicObservationLabevents.ndjson.gz``,
+...) is an NDJSON folder whose files are named after profiles rather than resource types.
 
 Export files are split by resource type, not by patient, so records are assembled in a
 temporary SQLite file rather than in memory: the reader holds one patient's resources at a
@@ -33,6 +35,27 @@ _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _NDJSON_SUFFIXES = (".ndjson", ".ndjson.gz")
 _IGNORED_NAMES = {"manifest.json"}
 _BATCH = 2000
+# MIMIC-IV on FHIR files named after profiles the model does not use, skipped unparsed: the
+# observations are charted ICU items, output and date events and microbiology (chartevents
+# alone is most of the export); the rest are types the adapter does not read. Every other
+# ``Mimic*`` file is parsed and its resources filtered by type like any other file's.
+_MIMIC_SKIPPED = frozenset(
+    {
+        "MimicObservationChartevents",
+        "MimicObservationDatetimeevents",
+        "MimicObservationOutputevents",
+        "MimicObservationMicroTest",
+        "MimicObservationMicroOrg",
+        "MimicObservationMicroSusc",
+        "MimicMedicationDispense",
+        "MimicMedicationDispenseED",
+        "MimicMedicationStatementED",
+        "MimicSpecimen",
+        "MimicSpecimenLab",
+        "MimicLocation",
+        "MimicOrganization",
+    }
+)
 
 
 @dataclass(slots=True)
@@ -207,7 +230,7 @@ class ExportReader:
             rtype = name.split(".", 1)[0]
             self.stats.files += 1
             stream: Iterable[bytes] = gzip.GzipFile(fileobj=raw) if name.endswith(".gz") else raw
-            if _is_resource_type(rtype) and rtype not in READ_TYPES:
+            if _skipped_by_name(rtype):
                 # Bulk export files are named after their type: skip unread types unparsed
                 # (counting the decompressed lines, not the lines of the gzip bytes).
                 yield from self._guarded(name, self._count_skipped(rtype, stream))
@@ -310,6 +333,17 @@ def _manifest_files(manifest: Path) -> list[str] | None:
         if isinstance(url, str) and url:
             names.append(url.rstrip("/").rsplit("/", 1)[-1])
     return sorted(dict.fromkeys(names))
+
+
+def _skipped_by_name(stem: str) -> bool:
+    """Whether an NDJSON file's name alone says it holds nothing the adapter reads.
+
+    A Bulk Data file is named after its resource type. A MIMIC-IV file is named after its
+    profile (``MimicEncounterICU`` holds Encounters), so it is never taken for an unread type.
+    """
+    if stem.startswith("Mimic"):
+        return stem in _MIMIC_SKIPPED
+    return _is_resource_type(stem) and stem not in READ_TYPES
 
 
 def _is_resource_type(name: str) -> bool:

@@ -8,7 +8,11 @@ Rules, each applied the same way to every source:
   they are dropped as ``outside_visit``. Event times are clamped into their visit.
 - Observations are read when their category is laboratory or vital signs (or absent);
   a panel without a value of its own contributes its components.
-- Conditions are labels only, attached to a visit where possible.
+- Conditions are labels only, attached to a visit where possible. A condition with no time
+  of its own but an encounter reference (MIMIC-IV's billing diagnoses) takes the end of that
+  encounter: the code is known once the stay is over.
+- A MIMIC-IV hospital admission is an inpatient visit whatever its class says (see
+  ``codes.MIMIC_ADMISSION_IDENTIFIERS``).
 - Anything unusable is counted in ``SourceFacts.dropped`` as ``Type:reason``; nothing raises.
 """
 
@@ -25,6 +29,8 @@ from fhir_adapter.codes import (
     CONDITION_SYSTEMS,
     LAB_SYSTEMS,
     MEDICATION_SYSTEMS,
+    MIMIC_ADMISSION_CLASS_SYSTEMS,
+    MIMIC_ADMISSION_IDENTIFIERS,
     PROCEDURE_SYSTEMS,
     pick_code,
 )
@@ -44,7 +50,9 @@ from fhir_adapter.timeline import (
 
 _CLASS_CODES: dict[str, VisitClass] = {
     **dict.fromkeys(("imp", "acute", "nonac", "inpatient"), VisitClass.INPATIENT),
-    **dict.fromkeys(("emer", "emergency", "urgentcare"), VisitClass.EMERGENCY),
+    # OBSENC (observation): an unplanned hospital stay to decide whether to admit. It is acute
+    # care, so it counts as a return after discharge, but it is not an admission to index.
+    **dict.fromkeys(("emer", "emergency", "urgentcare", "obsenc"), VisitClass.EMERGENCY),
     **dict.fromkeys(
         ("amb", "vr", "hh", "fld", "ambulatory", "outpatient", "wellness"),
         VisitClass.AMBULATORY,
@@ -80,7 +88,7 @@ class _Pending:
     """An event or condition before it is attached to a visit."""
 
     rtype: str
-    time: datetime
+    time: datetime | None  # None: a condition timed by its encounter, resolved before attaching
     encounter_id: str | None
     kind: EventKind | None  # None for a condition
     code: str
@@ -125,17 +133,24 @@ def build_timeline(record: PatientRecord) -> Timeline:
         except _Drop as drop:
             facts.dropped[f"{rtype}:{drop.reason}"] += 1
 
+    encounter_times = {e.id: e.end or e.start for e in encounters}
     visits, by_encounter = _merge_visits(encounters)
     events: list[Event] = []
     conditions: list[ConditionLabel] = []
     starts = [v.start for v in visits]
     for item in pending:
-        visit = _attach(item, visits, starts, by_encounter)
+        time = item.time
+        if time is None:
+            time = encounter_times.get(item.encounter_id or "")
+            if time is None:  # its encounter is missing or was dropped: nothing to time it by
+                facts.dropped[f"{item.rtype}:no_time"] += 1
+                continue
+        visit = _attach(item, time, visits, starts, by_encounter)
         if item.kind is None:
             conditions.append(
                 ConditionLabel(
                     code=item.code,
-                    time=visit.clamp(item.time) if visit else item.time,
+                    time=visit.clamp(time) if visit else time,
                     visit_id=visit.id if visit else None,
                 )
             )
@@ -144,7 +159,7 @@ def build_timeline(record: PatientRecord) -> Timeline:
         else:
             events.append(
                 Event(
-                    time=visit.clamp(item.time),
+                    time=visit.clamp(time),
                     visit_id=visit.id,
                     kind=item.kind,
                     code=item.code,
@@ -198,12 +213,28 @@ def _encounter(resource: JsonObject) -> _Encounter:
 def _visit_class(resource: JsonObject) -> VisitClass:
     cls = resource.get("class")
     codings = [cls] if isinstance(cls, dict) else cls if isinstance(cls, list) else []
+    if _is_mimic_admission(resource, codings):
+        return VisitClass.INPATIENT
     for coding in codings:
         if isinstance(coding, dict) and isinstance(coding.get("code"), str):
             found = _CLASS_CODES.get(coding["code"].strip().lower())
             if found is not None:
                 return found
     return VisitClass.OTHER
+
+
+def _is_mimic_admission(resource: JsonObject, class_codings: list[Any]) -> bool:
+    """Whether the Encounter is a MIMIC-IV hospital admission (a row of hosp.admissions).
+
+    Every such row is a stay in a hospital bed, observation and same-day-surgery admissions
+    included, but the MIMIC ETL writes admission_type into the class, or maps it to ActCode
+    AMB, SS, OBSENC or EMER; read as a class, most admissions would not be inpatient.
+    """
+    systems = [c.get("system") for c in class_codings if isinstance(c, dict)]
+    if any(isinstance(s, str) and s in MIMIC_ADMISSION_CLASS_SYSTEMS for s in systems):
+        return True
+    systems = [i.get("system") for i in _dicts(resource.get("identifier"))]
+    return any(isinstance(s, str) and s in MIMIC_ADMISSION_IDENTIFIERS for s in systems)
 
 
 def _merge_visits(encounters: list[_Encounter]) -> tuple[list[Visit], dict[str, Visit]]:
@@ -235,12 +266,16 @@ def _merge_visits(encounters: list[_Encounter]) -> tuple[list[Visit], dict[str, 
 
 
 def _attach(
-    item: _Pending, visits: list[Visit], starts: list[datetime], by_encounter: dict[str, Visit]
+    item: _Pending,
+    time: datetime,
+    visits: list[Visit],
+    starts: list[datetime],
+    by_encounter: dict[str, Visit],
 ) -> Visit | None:
     if item.encounter_id is not None and item.encounter_id in by_encounter:
         return by_encounter[item.encounter_id]
-    index = bisect.bisect_right(starts, item.time) - 1
-    if index >= 0 and visits[index].contains(item.time):
+    index = bisect.bisect_right(starts, time) - 1
+    if index >= 0 and visits[index].contains(time):
         return visits[index]
     return None
 
@@ -264,7 +299,9 @@ def _medication(resource: JsonObject, medications: dict[str, JsonObject]) -> Ite
     _check_status(resource, rtype)
     code = _code(_medication_concept(resource, medications), MEDICATION_SYSTEMS)
     if rtype == "MedicationRequest":
-        time = _first_time(resource, ("authoredOn",))
+        # MIMIC-IV leaves authoredOn out where a prescription has no pharmacy row; the start
+        # of the dispense validity is then the earliest time the order is known to exist.
+        time = _first_time(resource, ("authoredOn", "dispenseRequest.validityPeriod.start"))
         encounter = _encounter_ref(resource, "encounter")
     else:
         time = _first_time(resource, ("effectiveDateTime", "effectivePeriod.start"))
@@ -356,8 +393,14 @@ def _condition(resource: JsonObject, _: dict[str, JsonObject]) -> Iterator[_Pend
     if _coding_codes(resource.get("verificationStatus")) & {"entered-in-error", "refuted"}:
         raise _Drop("not_performed")
     code = _code(resource.get("code"), CONDITION_SYSTEMS)
-    time = _first_time(resource, ("onsetDateTime", "onsetPeriod.start", "recordedDate"))
-    yield _Pending("Condition", time, _encounter_ref(resource, "encounter"), None, code)
+    encounter = _encounter_ref(resource, "encounter")
+    paths = ("onsetDateTime", "onsetPeriod.start", "recordedDate")
+    if encounter is not None and all(_lookup(resource, path) is None for path in paths):
+        # MIMIC-IV's diagnoses are an admission's billing codes, with no time of their own.
+        yield _Pending("Condition", None, encounter, None, code)
+        return
+    time = _first_time(resource, paths)
+    yield _Pending("Condition", time, encounter, None, code)
 
 
 _READERS: dict[str, Callable[[JsonObject, dict[str, JsonObject]], Iterable[_Pending]]] = {

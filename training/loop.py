@@ -78,14 +78,17 @@ def fit(
     show_progress: bool = True,
 ) -> FitResult:
     """Train ``objective`` (a module whose parameters are the model's) and leave the best
-    weights, by validation loss, in it. ``loss(module, batch)`` is the mean loss of a
-    batch. Everything needed to resume is in ``run_dir``; a finished run is not redone."""
+    weights, by validation loss, in it, on the CPU wherever it trained. ``loss(module,
+    batch)`` is the mean loss of a batch. Everything needed to resume is in ``run_dir``; a
+    finished run is not redone."""
     run_dir.mkdir(parents=True, exist_ok=True)
     done = run_dir / "result.json"
     if done.is_file():
-        objective.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True))
+        objective.load_state_dict(
+            torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+        )
         return FitResult(**json.loads(done.read_text()))
-    rank, world = _distributed()
+    rank, world = distributed()
     device = torch.device(config.device)
     objective.to(device)
     wrapped: nn.Module = (
@@ -178,7 +181,10 @@ def fit(
             log.close()
     if world > 1:
         dist.barrier()
-    objective.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True))
+    objective.to("cpu")  # scoring and export happen on the CPU
+    objective.load_state_dict(
+        torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    )
     result = FitResult(
         best_epoch=state["best_epoch"],
         best_validation=state["best_validation"],
@@ -209,7 +215,7 @@ def evaluate_loss(
     return total / count if count else math.inf
 
 
-def _distributed() -> tuple[int, int]:
+def distributed() -> tuple[int, int]:
     """(rank, world size); joins the process group when launched by ``torchrun``."""
     if not dist.is_available():
         return 0, 1
@@ -248,13 +254,17 @@ def _resume(
     path = run_dir / "last.pt"
     if not path.is_file():
         return fresh
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, map_location=_device_of(objective), weights_only=False)
     if saved["config"] != asdict(config):
         raise ValueError(f"{run_dir} holds a run with other settings; use a new folder")
     objective.load_state_dict(saved["objective"])
     optimiser.load_state_dict(saved["optimiser"])
     schedule.load_state_dict(saved["schedule"])
     return dict(saved["state"])
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def _checkpoint(

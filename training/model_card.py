@@ -69,7 +69,8 @@ def model_card(
         "- Tasks with few test positives have wide confidence intervals (see metrics.json).",
         "- Fairness across demographic groups: " + NOT_ASSESSED + ".",
         "",
-        f"Training: {training['wall_seconds'] / 60:.1f} min, peak memory "
+        f"Training: {sum(training['stage_seconds'].values()) / 60:.1f} min over all stages, "
+        f"peak memory "
         f"{training['peak_rss_mb']:.0f} MB on {training['machine']}. "
         f"Command: `{training['command']}`.",
         "",

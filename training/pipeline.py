@@ -52,7 +52,7 @@ from training.batches import (
 )
 from training.dataset import read_samples, read_sequences
 from training.evaluation import METHODS, arrays, summarise
-from training.loop import Data, FitResult, LoopConfig, fit
+from training.loop import Data, FitResult, LoopConfig, distributed, fit
 from training.metrics import best_f1_threshold, recall_at_k
 from training.model_card import model_card, source_attributes
 from training.objectives import NextTokenLoss, PromptedLogits
@@ -132,6 +132,8 @@ def run(config: PipelineConfig, say: Callable[[str], None] = print) -> dict[str,
             ("test", "test", None),
         )
     }
+    stage_seconds: dict[str, float] = {"pretrain": pre_fit.seconds}
+    main = distributed()[0] == 0  # under torchrun, process 0 evaluates and exports
     runs: Runs = {}
     fits: dict[tuple[str, int], float] = {}
     served_models: dict[int, dict[str, torch.Tensor]] = {}
@@ -140,7 +142,10 @@ def run(config: PipelineConfig, say: Callable[[str], None] = print) -> dict[str,
             say(f"stage 2: {method}, seed {seed}")
             folder = config.work / method / f"seed{seed}"
             if method == "xgboost":
-                runs.setdefault(method, {})[seed] = _xgboost(folder, windows, tasks, vocab, seed)
+                if main:
+                    runs.setdefault(method, {})[seed] = _xgboost(
+                        folder, windows, tasks, vocab, seed
+                    )
                 continue
             variant: Variant = "both_ends" if method == "ehrmamba_mpf_both_ends" else "end"
             groups = [[t] for t in tasks] if method == "ehrmamba_per_task" else [list(tasks)]
@@ -153,6 +158,9 @@ def run(config: PipelineConfig, say: Callable[[str], None] = print) -> dict[str,
                 picked = {k: _only(v, group) for k, v in windows.items() if k[0] == variant}
                 result = _finetune(model, picked, variant, vocab, config, seed, part)
                 fits[(method, seed)] = fits.get((method, seed), 0.0) + result.best_validation
+                stage_seconds[method] = stage_seconds.get(method, 0.0) + result.seconds
+                if not main:
+                    continue  # other torchrun processes only help train
                 v, t = _predict_once(part, model, picked, variant, vocab)
                 validation += v
                 test += t
@@ -160,6 +168,8 @@ def run(config: PipelineConfig, say: Callable[[str], None] = print) -> dict[str,
                     served_models[seed] = copy.deepcopy(model.state_dict())
             runs.setdefault(method, {})[seed] = (validation, test)
 
+    if not main:
+        return {}
     say("stage 3: evaluation")
     sources = [Path(s).parent.name or Path(s).name for s in cohort["sources"]]
     subsets: dict[str, int | None] = {"combined": None} if len(sources) > 1 else {}
@@ -196,6 +206,7 @@ def run(config: PipelineConfig, say: Callable[[str], None] = print) -> dict[str,
         cost,
         served_seed,
         pre_fit,
+        stage_seconds,
         time.perf_counter() - started,
         peak_mb,
         sources,
@@ -393,6 +404,7 @@ def _metrics_document(
     cost: dict[str, Any],
     served_seed: int,
     pretrain: FitResult,
+    stage_seconds: dict[str, float],
     seconds: float,
     peak_mb: float,
     sources: list[str],
@@ -422,6 +434,9 @@ def _metrics_document(
             "pretrain": asdict(config.pretrain),
             "finetune": asdict(config.finetune),
             "wall_seconds": seconds,
+            # Training time of every stage, kept across resumed invocations: their sum is the
+            # cost of one uninterrupted run less evaluation and export.
+            "stage_seconds": stage_seconds,
             "peak_rss_mb": peak_mb,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "command": config.command,

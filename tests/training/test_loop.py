@@ -4,6 +4,8 @@ mix settings, and never redoes a finished run."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,20 @@ def test_a_finished_run_is_not_redone_and_settings_are_not_mixed(tmp_path: Path)
     with pytest.raises(ValueError, match="other settings"):
         fit(_model(), _data(64), _data(32, seed=1), _loss, other, tmp_path / "r",
             show_progress=False)  # fmt: skip
+
+
+def test_data_parallel_under_torchrun(tmp_path: Path) -> None:
+    """Two processes (gloo on CPU) split the batches and end with the same weights."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "tests/support/ddp_fit.py", str(tmp_path)]  # fmt: skip
+    root = Path(__file__).parents[2]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    for a, b in zip(ranks[0]["state"].values(), ranks[1]["state"].values(), strict=True):
+        assert torch.equal(a, b)
+    epochs = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    validation = [e["validation_loss"] for e in epochs if "validation_loss" in e]
+    assert len(validation) == 3
+    assert validation[-1] < validation[0]
