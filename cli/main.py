@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import bench, data, train
+from cli import bench, data, serve, train
 
 app = typer.Typer(
     name="ehrmamba",
@@ -16,3 +16,4 @@ app = typer.Typer(
 app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")
 app.add_typer(train.app)
+app.add_typer(serve.app)

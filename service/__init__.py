@@ -1,1 +1,1 @@
-"""The FastAPI inference service (built in the service issue)."""
+"""The FastAPI inference service: settings, routes, scoring, errors (DESIGN.md section 6)."""

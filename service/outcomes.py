@@ -1,0 +1,56 @@
+"""Errors as FHIR ``OperationOutcome`` JSON with the status a client can act on: the shape
+FHIR and CDS Hooks clients already parse."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+FHIR_JSON = "application/fhir+json"
+
+
+class ServiceError(Exception):
+    """A failure with an HTTP status, an OperationOutcome issue code and a message that is
+    safe to show (never a token, never a stack trace)."""
+
+    def __init__(
+        self, status: int, code: str, diagnostics: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(diagnostics)
+        self.status = status
+        self.code = code
+        self.diagnostics = diagnostics
+        self.headers = headers or {}
+
+
+def operation_outcome(code: str, diagnostics: str, severity: str = "error") -> dict[str, Any]:
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics}],
+    }
+
+
+async def service_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return JSONResponse(
+        operation_outcome(exc.code, exc.diagnostics),
+        status_code=exc.status,
+        headers=exc.headers,
+        media_type=FHIR_JSON,
+    )
+
+
+async def validation_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}"
+        for e in exc.errors()
+    )
+    return JSONResponse(
+        operation_outcome("invalid", problems or "invalid request"),
+        status_code=422,
+        media_type=FHIR_JSON,
+    )
