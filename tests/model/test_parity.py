@@ -161,7 +161,8 @@ def test_compiled_scan_gradients_equal_autograd_through_the_reference(
     grads = []
     for fn in (scan.reference_scan, scan.compiled_scan):
         leaves = [x.clone().requires_grad_() for x in inputs]
-        y, h, captured = fn(*leaves, capture)
+        u, delta, A, B, C, D, h0 = leaves
+        y, h, captured = fn(u, delta, A, B, C, D, h0, capture)
         assert captured is not None
         loss = (y * weights[0]).sum() + (h * weights[1]).sum() + (captured * weights[2]).sum()
         loss.backward()
