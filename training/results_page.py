@@ -53,7 +53,7 @@ def write_results(folder: Path, metrics: dict[str, Any], runs: Runs, served_seed
                 if stats is None:
                     continue
                 ci = stats.get("auroc_ci95_first_seed")
-                note = f" (95 % CI seed 1: {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
+                note = f" (95 % CI first seed: {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
                 lines.append(
                     f"| {task} | {entry.get('n', 0)} | {entry.get('positives', 0)} | {method} | "
                     f"{_cell(stats['auroc'])}{note} | {_cell(stats['auprc'])} | "
@@ -91,7 +91,7 @@ def write_results(folder: Path, metrics: dict[str, Any], runs: Runs, served_seed
     lines += [
         "",
         "## Plots (served model: `ehrmamba_mpf`, seed index "
-        f"{served_seed}; ROC for every method's first seed)",
+        f"{served_seed}; ROC of every method at that seed)",
         "",
     ]
     for task in metrics["trained_tasks"]:
