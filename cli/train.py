@@ -35,7 +35,7 @@ def train(
     ] = None,
     max_length: Annotated[int, typer.Option(min=16, help="Window in tokens.")] = 1024,
     pretrain_epochs: Annotated[int, typer.Option(min=1)] = 4,
-    finetune_epochs: Annotated[int, typer.Option(min=1)] = 8,
+    finetune_epochs: Annotated[int, typer.Option(min=1)] = 6,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     version: Annotated[str, typer.Option(help="Artifact version.")] = "0.1.0",
     hidden_size: Annotated[int | None, typer.Option(help="Override the size's width.")] = None,

@@ -88,7 +88,7 @@ class PipelineConfig:
         default_factory=lambda: LoopConfig(epochs=4, learning_rate=1e-3, batch_tokens=4096)
     )
     finetune: LoopConfig = field(
-        default_factory=lambda: LoopConfig(epochs=8, learning_rate=5e-4, batch_tokens=4096)
+        default_factory=lambda: LoopConfig(epochs=6, learning_rate=5e-4, batch_tokens=4096)
     )
     dropout: float = 0.1
     name: str = "ehrmamba-compact"
