@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -93,6 +94,7 @@ def export_step(model: EHRMamba, path: Path, *, tolerance: float = 1e-4) -> Path
             graph, example, str(path), input_names=list(INPUTS), output_names=list(OUTPUTS),
             dynamic_shapes=dynamic, dynamo=True, external_data=False,
         )  # fmt: skip
+        _strip_debug_info(path)
         check = example_inputs(model, batch=3, seed=1)
         expected = [t.numpy() for t in graph(*check)]
     got = OnnxStep(path).run(*(t.numpy() for t in check))
@@ -101,6 +103,16 @@ def export_step(model: EHRMamba, path: Path, *, tolerance: float = 1e-4) -> Path
         if error > tolerance:
             raise RuntimeError(f"ONNX step differs from PyTorch on {name}: {error:.2e}")
     return path
+
+
+def _strip_debug_info(path: Path) -> None:
+    """Drop the exporter's per-node metadata: stack traces that name this machine's file
+    paths, FX node dumps. The graph and its numbers are untouched, and the artifact no longer
+    depends on where it was built."""
+    proto = onnx.load(str(path))
+    for node in [*proto.graph.node, *(n for f in proto.functions for n in f.node)]:
+        del node.metadata_props[:]
+    onnx.save(proto, str(path))
 
 
 class OnnxStep:

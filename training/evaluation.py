@@ -21,6 +21,8 @@ from training.metrics import (
 from training.predictions import Prediction
 
 FEW_POSITIVES = 30  # below this many test positives, report bootstrap intervals
+# method -> seed -> (validation, test) predictions
+Runs = dict[str, dict[int, tuple[list[Prediction], list[Prediction]]]]
 METHODS = ("ehrmamba_mpf", "ehrmamba_per_task", "ehrmamba_mpf_both_ends", "xgboost")
 
 

@@ -63,9 +63,6 @@ class FitResult:
     seconds: float
 
 
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
-
-
 def fit(
     objective: nn.Module,
     train: Data[Batch],

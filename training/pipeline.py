@@ -51,7 +51,7 @@ from training.batches import (
     window_batch,
 )
 from training.dataset import read_samples, read_sequences
-from training.evaluation import METHODS, arrays, summarise
+from training.evaluation import METHODS, Runs, arrays, summarise
 from training.loop import Data, FitResult, LoopConfig, distributed, fit
 from training.metrics import best_f1_threshold, recall_at_k
 from training.model_card import model_card, source_attributes
@@ -68,7 +68,6 @@ from training.xgboost_baseline import xgboost_predictions
 
 VARIANTS: tuple[Variant, ...] = ("end", "both_ends")
 Windows = dict[tuple[Variant, str], list[TaskWindow]]
-Runs = dict[str, dict[int, tuple[list[Prediction], list[Prediction]]]]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from fhir_adapter.tokenizer import TokenSequence
 from fhir_adapter.vocabulary import Vocabulary
 from model.batching import collate
 from model.network import EHRMamba
-from model.tasks import Task
 from training.batches import TaskWindow, by_length, window_batch
 from training.objectives import PromptedLogits
 
@@ -95,10 +94,6 @@ def count_features(
             )
     width = vocab_size + 2
     return (np.stack(rows) if rows else np.zeros((0, width), np.float32)), records
-
-
-def of_task(predictions: Sequence[Prediction], task: Task) -> list[Prediction]:
-    return [p for p in predictions if p.task == task.value]
 
 
 @torch.no_grad()

@@ -12,11 +12,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
 from model.tasks import Task
-from training.evaluation import METHODS, arrays
+from training.evaluation import METHODS, Runs, arrays
 from training.metrics import reliability
-from training.predictions import Prediction
-
-Runs = dict[str, dict[int, tuple[list[Prediction], list[Prediction]]]]
 
 
 def _cell(stat: dict[str, Any] | None) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -54,3 +56,14 @@ def test_step_graph_is_the_model_recurrence(exported: tuple[EHRMamba, OnnxStep])
                    STREAMS]  # fmt: skip
         hidden, _, _, conv, ssm = step.run(*columns, conv, ssm)
         assert np.abs(hidden[0] - parallel[0, t].numpy()).max() < 1e-4
+
+
+def test_the_exported_file_names_no_path_of_the_build_machine(tmp_path: Path) -> None:
+    """The exporter writes stack traces with absolute source paths into node metadata; an
+    artifact must not depend on, or reveal, where it was built."""
+    torch.manual_seed(0)
+    model = EHRMamba(ModelConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2)).eval()
+    path = export_step(model, tmp_path / "step.onnx")
+    root = str(Path(__file__).resolve().parents[2]).encode()
+    assert root not in path.read_bytes()
+    assert b"stack_trace" not in path.read_bytes()
