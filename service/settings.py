@@ -1,33 +1,97 @@
 """Every setting of the service in one typed object, read once from the environment
 (``EHRMAMBA_`` prefix) or an ``.env`` file. Nothing else in the service reads the
-environment."""
+environment. Lists and nested objects are given as JSON, e.g.
+``EHRMAMBA_FHIR_SERVER_ALLOW='["https://fhir.hospital.org/r4"]'``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+class CdsIssuer(BaseModel):
+    """A CDS client (an EHR) trusted to call the CDS services.
+
+    Its public keys come from ``jwks_file``, or from a JWT's ``jku`` header when that URL
+    is one of ``jku`` here (exact match); never from an arbitrary URL in a token.
+    """
+
+    iss: str = Field(description="The issuer, exactly as in the JWT's iss claim.")
+    jwks_file: Path | None = Field(default=None, description="A JSON Web Key Set file.")
+    jku: list[str] = Field(default_factory=list, description="JWKS URLs allowed in jku.")
+
+
 class Settings(BaseSettings):
-    """Service configuration. Durations are seconds."""
+    """Service configuration. Durations are seconds, sizes bytes."""
 
     model_config = SettingsConfigDict(env_prefix="EHRMAMBA_", env_file=".env", extra="ignore")
 
+    # --- model and FHIR ----------------------------------------------------------------------
     model_path: Path = Field(
         default=Path("models/compact"), description="The artifact folder to serve."
     )
     fhir_base_url: str | None = Field(
-        default=None, description="The FHIR server patients are read from."
+        default=None, description="The FHIR server /patients routes read from."
     )
     fhir_token: SecretStr | None = Field(
-        default=None, description="Bearer token for the FHIR server, if it needs one."
+        default=None, description="Bearer token for that FHIR server, if it needs one."
     )
     fhir_timeout: float = Field(default=30.0, gt=0)
     fhir_retries: int = Field(default=3, ge=0)
+    max_forecast: int = Field(default=20, ge=0, description="Largest forecast=k accepted.")
+    public_url: str | None = Field(
+        default=None,
+        description="This service's external base URL (behind a proxy): CDS JWTs' aud is "
+        "checked against it and cards link the model card under it. Default: the URL the "
+        "request came to.",
+    )
+
+    # --- storage -----------------------------------------------------------------------------
+    database_url: str = Field(
+        default="sqlite:///var/ehrmamba.db",
+        description="SQLAlchemy URL of the prediction, feedback and audit store "
+        "(postgresql+psycopg://... in production).",
+    )
+    redis_url: str | None = Field(
+        default=None, description="Shared cache for several replicas; unset: in-process LRU."
+    )
+    cache_ttl: float = Field(default=24 * 3600.0, gt=0, description="Life of a cached patient.")
+    cache_max_entries: int = Field(default=10_000, ge=1, description="In-process LRU size.")
+    cache_key_secret: SecretStr | None = Field(
+        default=None,
+        description="HMAC key that hides patient ids in cache keys; replicas sharing one "
+        "Redis must share it. Unset: a random key per process.",
+    )
+
+    # --- access ------------------------------------------------------------------------------
     api_keys: list[SecretStr] = Field(
         default_factory=list,
-        description="Keys accepted in the X-API-Key header on /patients routes; empty: open.",
+        description="Keys accepted in X-API-Key (or as a Bearer token) on /patients "
+        "routes; empty: open.",
     )
-    max_forecast: int = Field(default=20, ge=0, description="Largest forecast=k accepted.")
+    cds_issuers: list[CdsIssuer] = Field(
+        default_factory=list, description="CDS clients trusted to call /cds-services."
+    )
+    cds_require_jwt: bool = Field(
+        default=True, description="Refuse CDS calls without a valid client JWT."
+    )
+    cds_jwt_leeway: float = Field(default=30.0, ge=0, description="Clock skew allowed.")
+    fhir_server_allow: list[str] = Field(
+        default_factory=list,
+        description="FHIR base URLs a CDS request's fhirServer may name; any other is "
+        "refused before a connection is made.",
+    )
+    max_body_bytes: int = Field(
+        default=16 * 1024 * 1024, gt=0, description="Largest request body (CDS prefetch)."
+    )
+
+    # --- inference batching ------------------------------------------------------------------
+    batch_max_size: int = Field(default=16, ge=1, description="Patients per engine call.")
+    batch_max_wait: float = Field(
+        default=0.005, ge=0, description="How long a request waits for others to join it."
+    )
+    queue_max: int = Field(
+        default=64, ge=1, description="Requests waiting for the engine before 429."
+    )
