@@ -16,7 +16,7 @@ import asyncio
 import email.utils
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +41,11 @@ FHIR_JSON = "application/fhir+json"
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _MEDICATION_TYPES = ("MedicationRequest", "MedicationAdministration")
 
+# Told of every HTTP exchange: (method, resource type, seconds, outcome), where outcome is
+# "ok" or the failure kind (timeout, connection, status_4xx, status_5xx). The service hangs
+# its metrics here; the adapter itself stays free of any metrics library.
+RequestObserver = Callable[[str, str, float, str], None]
+
 
 @dataclass(frozen=True)
 class FhirClientConfig:
@@ -56,6 +61,7 @@ class FhirClientConfig:
     max_pages: int = 10_000
     user_agent: str = "ehrmamba-fhir"
     auth: Auth = field(default_factory=NoAuth)
+    observer: RequestObserver | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +244,7 @@ class FhirClient:
         attempt = 0
         while True:
             auth_headers = await self.config.auth.headers(self._http)
+            sent = time.perf_counter()
             try:
                 response = await self._http.request(
                     method,
@@ -247,18 +254,21 @@ class FhirClient:
                     headers={**send_headers, **auth_headers},
                 )
             except httpx.TimeoutException as exc:
+                self._observe(method, target, sent, "timeout")
                 if isinstance(exc, httpx.ConnectTimeout) and attempt < self.config.max_retries:
                     attempt += 1
                     await asyncio.sleep(self._backoff(attempt, None))
                     continue
                 raise FhirTimeout(f"no answer within the timeout: {exc!r}", url=target) from exc
             except httpx.TransportError as exc:
+                self._observe(method, target, sent, "connection")
                 if attempt < self.config.max_retries:
                     attempt += 1
                     await asyncio.sleep(self._backoff(attempt, None))
                     continue
                 raise FhirUnavailable(f"server unreachable: {exc!r}", url=target) from exc
             status = response.status_code
+            self._observe(method, target, sent, "ok" if status in expect else _status_kind(status))
             if status in expect:
                 return response
             if status == 401 and not reauthorised:
@@ -271,6 +281,11 @@ class FhirClient:
                 await asyncio.sleep(self._backoff(attempt, response.headers.get("Retry-After")))
                 continue
             raise _error_for(response)
+
+    def _observe(self, method: str, target: str, sent: float, outcome: str) -> None:
+        if self.config.observer is not None:
+            resource_type = _resource_type(target, self.base_url)
+            self.config.observer(method, resource_type, time.perf_counter() - sent, outcome)
 
     def _backoff(self, attempt: int, retry_after: str | None) -> float:
         """Seconds to wait: the server's ``Retry-After`` if given, else jittered doubling."""
@@ -295,6 +310,20 @@ def origin(url: str) -> tuple[str, str]:
     """(scheme, host:port) of a URL, lower-cased: what counts as 'the same server'."""
     parts = urlsplit(url)
     return parts.scheme.lower(), parts.netloc.lower()
+
+
+def _status_kind(status: int) -> str:
+    return "status_5xx" if status >= 500 else "status_4xx"
+
+
+def _resource_type(target: str, base_url: str) -> str:
+    """The resource type a URL addresses (``Observation`` for ``base/Observation?...``);
+    ``other`` for the base itself or a server's opaque paging URL. Never an id."""
+    path = urlsplit(target).path
+    base_path = urlsplit(base_url).path.rstrip("/")
+    rest = path[len(base_path) :] if path.startswith(base_path) else ""
+    first = rest.strip("/").split("/", 1)[0]
+    return first if first[:1].isupper() and first.isalpha() else "other"
 
 
 def _parse_retry_after(value: str | None) -> float | None:

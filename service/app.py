@@ -1,12 +1,15 @@
 """The FastAPI application, built from one ``Settings`` object.
 
-The model is loaded in a worker thread at start-up; until it is, readiness says why and
-model routes answer 503. A corrupt or mismatched artifact keeps the service not-ready with
-the artifact's own error message, rather than crashing the process in a restart loop.
+At start-up the model is loaded and the store migrated in worker threads; until both are
+done, readiness says why and model routes answer 503. A corrupt or mismatched artifact or
+an unreachable database keeps the service not-ready with the reason, rather than crashing
+the process into a restart loop.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,37 +18,105 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from model.artifact import ArtifactError, load_artifact
-from service.outcomes import ServiceError, service_error_handler, validation_error_handler
-from service.routes import health, predict
+from service import metrics
+from service.batching import MicroBatcher
+from service.cache import MemoryCache, RedisCache, ResilientCache
+from service.cds.jwt import ClientTokenVerifier
+from service.limits import BodySizeLimit
+from service.metrics import MetricsMiddleware
+from service.outcomes import (
+    ServiceError,
+    service_error_handler,
+    unexpected_error_handler,
+    validation_error_handler,
+)
+from service.patient_cache import PatientCache
+from service.routes import cds, health, predict
+from service.routes import metrics as metrics_route
 from service.scoring import Scorer
 from service.settings import Settings
 from service.state import ServiceState
+from service.store import Store, StoreUnavailable
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    state = ServiceState(settings or Settings())
+    state = _state(settings or Settings())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await _start(state)
         try:
-            artifact = await anyio.to_thread.run_sync(load_artifact, state.settings.model_path)
-        except (ArtifactError, OSError) as exc:
-            state.not_ready = f"model artifact unusable: {exc}"
-        else:
-            state.scorer = Scorer(artifact)
-            state.not_ready = None
-            state.checks["model"] = f"{artifact.config.name} {artifact.version}"
-        yield
+            yield
+        finally:
+            await _stop(state)
 
     app = FastAPI(
         title="EHRMamba over FHIR",
         summary="Six clinical risks and next-event forecasts from one recurrent pass.",
+        description="Predictions over FHIR, CDS Hooks 2.0 services, and operations "
+        "endpoints. Errors are FHIR OperationOutcome resources.",
         version="0.1.0",
         lifespan=lifespan,
     )
     app.state.service = state
     app.add_exception_handler(ServiceError, service_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)
     app.include_router(health.router)
+    app.include_router(metrics_route.router)
     app.include_router(predict.router)
+    app.include_router(cds.router)
+    app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)
     return app
+
+
+def _state(settings: Settings) -> ServiceState:
+    remote = RedisCache(settings.redis_url) if settings.redis_url else None
+    cache = ResilientCache(remote, MemoryCache(settings.cache_max_entries))
+    secret = settings.cache_key_secret
+    key = secret.get_secret_value().encode() if secret else secrets.token_bytes(32)
+    return ServiceState(
+        settings=settings,
+        cache=cache,
+        patients=PatientCache(cache, key, settings.cache_ttl),
+        verifier=ClientTokenVerifier(settings.cds_issuers, cache, settings.cds_jwt_leeway),
+    )
+
+
+async def _start(state: ServiceState) -> None:
+    settings = state.settings
+    problems: list[str] = []
+    try:
+        artifact = await anyio.to_thread.run_sync(load_artifact, settings.model_path)
+    except (ArtifactError, OSError) as exc:
+        problems.append(f"model artifact unusable: {exc}")
+    else:
+        scorer = Scorer(artifact)
+        state.scorer = scorer
+        state.batcher = MicroBatcher(
+            scorer.run,
+            max_size=settings.batch_max_size,
+            max_wait=settings.batch_max_wait,
+            queue_max=settings.queue_max,
+        )
+        state.batcher.start()
+        state.checks["model"] = f"{artifact.config.name} {artifact.version}"
+        metrics.MODEL_INFO.labels(artifact.config.name, artifact.version, artifact.sha256).set(1)
+    try:
+        state.store = await anyio.to_thread.run_sync(Store.open, settings.database_url)
+    except StoreUnavailable as exc:
+        problems.append(f"store unavailable: {exc}")
+    else:
+        state.checks["store"] = state.store.dialect
+    state.checks["cache"] = await state.cache.check()
+    state.not_ready = "; ".join(problems) or None
+
+
+async def _stop(state: ServiceState) -> None:
+    if state.batcher is not None:
+        await state.batcher.stop()
+    await state.cache.aclose()
+    if state.store is not None:
+        state.store.close()
+    metrics.mark_worker_dead(os.getpid())

@@ -16,10 +16,13 @@ import hashlib
 import hmac
 import time
 from collections import OrderedDict
-from typing import Protocol
+from collections.abc import Awaitable
+from typing import Protocol, cast
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
+
+from service import metrics
 
 
 class Cache(Protocol):
@@ -111,7 +114,7 @@ class RedisCache:
 
     async def ping(self) -> None:
         try:
-            await self._redis.ping()
+            await cast(Awaitable[bool], self._redis.ping())  # typed as sync-or-async
         except (RedisError, OSError) as exc:
             raise CacheUnavailable(str(exc)) from exc
 
@@ -134,7 +137,6 @@ class ResilientCache:
         self.local = local
         self.retry_after = retry_after
         self._down_until = 0.0
-        self.failures = 0
 
     @property
     def backend(self) -> str:
@@ -150,10 +152,13 @@ class ResilientCache:
         return self.remote
 
     def _failed(self) -> None:
-        self.failures += 1
+        metrics.CACHE_ERRORS.inc()
+        metrics.CACHE_DEGRADED.set(1)
         self._down_until = time.monotonic() + self.retry_after
 
     def _recovered(self) -> None:
+        if self._down_until:
+            metrics.CACHE_DEGRADED.set(0)
         self._down_until = 0.0
 
     async def get(self, key: str) -> bytes | None:

@@ -3,6 +3,7 @@ FHIR and CDS Hooks clients already parse."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import Request
@@ -10,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 FHIR_JSON = "application/fhir+json"
+log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
@@ -53,4 +55,15 @@ async def validation_error_handler(_: Request, exc: Exception) -> JSONResponse:
         operation_outcome("invalid", problems or "invalid request"),
         status_code=422,
         media_type=FHIR_JSON,
+    )
+
+
+async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A bug, not a client's fault: 500 with no detail in the body (no stack trace, nothing
+    from the request); the exception type goes to the log under the route template, never
+    the raw path, which may hold a patient id."""
+    route = getattr(request.scope.get("route"), "path", "unmatched")
+    log.error("unhandled %s on %s %s", type(exc).__name__, request.method, route)
+    return JSONResponse(
+        operation_outcome("exception", "internal error"), status_code=500, media_type=FHIR_JSON
     )

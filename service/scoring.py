@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from fhir_adapter.timeline import Timeline, VisitClass
 from fhir_adapter.tokenizer import TokenSequence, tokenize
 from model.artifact import Artifact
-from model.engine import Engine, ForecastStep, PatientInput
+from model.engine import CachedScan, Engine, ForecastStep, PatientInput
 from model.tasks import Task
 
 LOS_WINDOW = timedelta(hours=24)
@@ -32,17 +32,35 @@ class DataFacts:
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """One request made ready for the engine: the tokens (and a cached scan they extend, if
+    any), what was asked, and what cannot be answered."""
+
+    input: PatientInput
+    tasks: tuple[Task, ...]
+    forecast: int
+    not_scored: dict[Task, str]
+    facts: DataFacts
+
+
+@dataclass(frozen=True)
 class Scored:
     probabilities: dict[Task, float]
     not_scored: dict[Task, str]
     forecast: tuple[ForecastStep, ...]
     facts: DataFacts
+    cache: CachedScan
+    scanned_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
 
 
 class Scorer:
-    """Scores timelines with one loaded artifact. Thread-safe for concurrent ``score``
-    calls (the engine runs under ``torch.no_grad`` and keeps no per-call state)."""
+    """Scores timelines with one loaded artifact.
+
+    ``prepare`` (tokenize, find cut points) runs per request; ``run`` scores any number of
+    prepared requests in one engine call, which is what the micro-batcher feeds it. The
+    engine keeps no per-call state, so ``run`` may be called from a worker thread.
+    """
 
     def __init__(self, artifact: Artifact) -> None:
         self.artifact = artifact
@@ -53,26 +71,31 @@ class Scorer:
         """The tasks this model was trained for and serves."""
         return self.artifact.config.tasks
 
-    def score(
-        self, timeline: Timeline, tasks: Sequence[Task], forecast: int, now: datetime
-    ) -> Scored:
-        started = time.perf_counter()
-        sequence = tokenize(
+    def tokenize(self, timeline: Timeline, now: datetime) -> TokenSequence:
+        """The model's input as known at ``now``: its frozen vocabulary and bins, its window."""
+        return tokenize(
             timeline, self.artifact.vocab, self.artifact.bins, until=now,
             max_length=self.artifact.config.max_length,
         )  # fmt: skip
-        tokenized = time.perf_counter()
+
+    def prepare(
+        self,
+        timeline: Timeline,
+        sequence: TokenSequence,
+        tasks: Sequence[Task],
+        forecast: int,
+        now: datetime,
+        cached: CachedScan | None = None,
+    ) -> Prepared:
+        """ValueError when there is nothing to score."""
+        if len(sequence) <= 1:
+            raise ValueError("the record holds nothing to score")
         not_scored: dict[Task, str] = {}
         los_cut = None
         if Task.LENGTH_OF_STAY in tasks:
             los_cut = _los_cut(timeline, sequence, now)
             if los_cut is None:
                 not_scored[Task.LENGTH_OF_STAY] = "no current inpatient stay to ask about"
-        if len(sequence) <= 1:
-            raise ValueError("the record holds nothing to score")
-        result = self.engine.score([PatientInput(sequence, los_cut=los_cut)], tasks,
-                                   forecast=forecast)[0]  # fmt: skip
-        scored = time.perf_counter()
         facts = DataFacts(
             resources=dict(timeline.source.resource_counts),
             dropped=dict(timeline.source.dropped),
@@ -82,13 +105,40 @@ class Scorer:
             truncated=sequence.truncated,
             last_updated=timeline.source.last_updated,
         )
-        return Scored(
-            probabilities=result.probabilities,
-            not_scored=not_scored,
-            forecast=result.forecast,
-            facts=facts,
-            timings={"tokenize_s": tokenized - started, "score_s": scored - tokenized},
-        )
+        return Prepared(
+            PatientInput(sequence, los_cut=los_cut, cached=cached),
+            tuple(tasks), forecast, not_scored, facts,
+        )  # fmt: skip
+
+    def score(
+        self, timeline: Timeline, tasks: Sequence[Task], forecast: int, now: datetime
+    ) -> Scored:
+        """One patient from scratch, no cache, no batching: the reference the service's
+        cached and batched answers must equal."""
+        sequence = self.tokenize(timeline, now)
+        return self.run([self.prepare(timeline, sequence, tasks, forecast, now)])[0]
+
+    def run(self, batch: Sequence[Prepared]) -> list[Scored]:
+        """Score a batch in one engine call: the union of the tasks asked and the longest
+        forecast, each answer then cut to what its request asked (greedy forecasts do not
+        depend on their length, and batched results equal unbatched ones)."""
+        started = time.perf_counter()
+        tasks = list(dict.fromkeys(t for p in batch for t in p.tasks))
+        longest = max(p.forecast for p in batch)
+        results = self.engine.score([p.input for p in batch], tasks, forecast=longest)
+        seconds = time.perf_counter() - started
+        return [
+            Scored(
+                probabilities={t: r.probabilities[t] for t in p.tasks if t in r.probabilities},
+                not_scored=p.not_scored,
+                forecast=r.forecast[: p.forecast],
+                facts=p.facts,
+                cache=r.cache,
+                scanned_tokens=r.scanned_tokens,
+                timings={"score_s": seconds},
+            )
+            for p, r in zip(batch, results, strict=True)
+        ]
 
 
 def _los_cut(timeline: Timeline, sequence: TokenSequence, now: datetime) -> int | None:

@@ -1,40 +1,58 @@
-"""What the running service holds (settings, the loaded model, the FHIR client settings),
-and the FastAPI dependencies that hand it to routes."""
+"""What the running service holds (settings, model, batcher, cache, store, CDS token
+verifier), and the FastAPI dependencies that hand it to routes."""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from fhir_adapter.auth import BearerToken, NoAuth
+from fhir_adapter.auth import Auth, BearerToken, NoAuth
 from fhir_adapter.client import FhirClientConfig
+from service import metrics
+from service.batching import MicroBatcher
+from service.cache import ResilientCache
+from service.cds.jwt import ClientTokenVerifier
 from service.outcomes import ServiceError
-from service.scoring import Scorer
+from service.patient_cache import PatientCache
+from service.scoring import Prepared, Scored, Scorer
 from service.settings import Settings
+from service.store import Store
 
 
 @dataclass
 class ServiceState:
     settings: Settings
+    cache: ResilientCache
+    patients: PatientCache
+    verifier: ClientTokenVerifier
     scorer: Scorer | None = None
+    batcher: MicroBatcher[Prepared, Scored] | None = None
+    store: Store | None = None
     not_ready: str | None = "starting"  # why the service cannot answer yet
     checks: dict[str, str] = field(default_factory=dict)
 
-    def fhir_config(self) -> FhirClientConfig:
-        """The configured FHIR server; 503 when there is none."""
-        url = self.settings.fhir_base_url
+    def fhir_config(
+        self, base_url: str | None = None, auth: Auth | None = None
+    ) -> FhirClientConfig:
+        """The configured FHIR server (or a CDS request's own ``fhirServer`` with its token);
+        503 when there is none."""
+        url = base_url or self.settings.fhir_base_url
         if not url:
             raise ServiceError(503, "not-supported", "no FHIR server is configured "
                                "(EHRMAMBA_FHIR_BASE_URL)")  # fmt: skip
-        token = self.settings.fhir_token
+        if auth is None:
+            token = self.settings.fhir_token
+            auth = BearerToken(token.get_secret_value()) if token and not base_url else NoAuth()
         return FhirClientConfig(
             base_url=url,
             timeout=self.settings.fhir_timeout,
             max_retries=self.settings.fhir_retries,
-            auth=BearerToken(token.get_secret_value()) if token else NoAuth(),
+            auth=auth,
+            observer=metrics.observe_fhir,
         )
 
 
@@ -51,16 +69,31 @@ def ready_scorer(state: Annotated[ServiceState, Depends(get_state)]) -> Scorer:
     return state.scorer
 
 
+def ready_store(state: Annotated[ServiceState, Depends(get_state)]) -> Store:
+    if state.store is None:
+        raise ServiceError(503, "transient", f"not ready: {state.not_ready}",
+                           headers={"Retry-After": "5"})  # fmt: skip
+    return state.store
+
+
 def require_api_key(
     state: Annotated[ServiceState, Depends(get_state)],
-    x_api_key: Annotated[str | None, Header()] = None,
-) -> None:
-    """When keys are configured, one of them must come in ``X-API-Key`` (compared in
-    constant time)."""
+    x_api_key: Annotated[str | None, Header(description="An API key, if keys are set.")] = None,
+    authorization: Annotated[str | None, Header(description="Or: Bearer <API key>.")] = None,
+) -> str:
+    """The caller's name for the audit trail. When keys are configured, one of them must
+    come in ``X-API-Key`` or as a Bearer token (compared in constant time); the caller is
+    then named by a short hash of its key, never the key."""
     keys = state.settings.api_keys
     if not keys:
-        return
-    given = (x_api_key or "").encode()
-    if not any(secrets.compare_digest(given, k.get_secret_value().encode()) for k in keys):
-        raise ServiceError(401, "login", "a valid X-API-Key header is required",
-                           headers={"WWW-Authenticate": "ApiKey"})  # fmt: skip
+        return "anonymous"
+    given = x_api_key
+    if given is None and authorization and authorization[:7].lower() == "bearer ":
+        given = authorization[7:].strip()
+    raw = (given or "").encode()
+    for key in keys:
+        secret = key.get_secret_value().encode()
+        if secrets.compare_digest(raw, secret):
+            return "key:" + hashlib.sha256(secret).hexdigest()[:12]
+    raise ServiceError(401, "login", "a valid X-API-Key header or Bearer token is required",
+                       headers={"WWW-Authenticate": "ApiKey"})  # fmt: skip

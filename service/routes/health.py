@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from service import metrics
 from service.scoring import Scorer
 from service.state import ServiceState, get_state, ready_scorer
 
@@ -25,10 +26,17 @@ async def live() -> dict[str, str]:
 @router.get("/health/ready")
 @router.get("/v2/health/ready")
 async def ready(state: Annotated[ServiceState, Depends(get_state)]) -> JSONResponse:
-    """200 when the model is loaded; 503 with the reason otherwise."""
-    if state.scorer is None:
-        return JSONResponse({"status": "not ready", "reason": state.not_ready}, status_code=503)
-    return JSONResponse({"status": "ready", "checks": state.checks})
+    """200 when the model is loaded and the store open; 503 with the reason otherwise. The
+    cache is a detail, not a condition: without Redis the service answers from process
+    memory and says so here."""
+    checks = {**state.checks, "cache": await state.cache.check()}
+    metrics.CACHE_DEGRADED.set(1 if state.cache.degraded else 0)
+    if state.not_ready is not None:
+        return JSONResponse(
+            {"status": "not ready", "reason": state.not_ready, "checks": checks},
+            status_code=503,
+        )
+    return JSONResponse({"status": "ready", "checks": checks})
 
 
 @router.get("/model")

@@ -1,69 +1,97 @@
-"""``POST /patients/{id}/predict``: read the patient from FHIR, score, answer."""
+"""``POST /patients/{id}/predict`` and ``GET /patients/{id}/predictions``."""
 
 from __future__ import annotations
 
 import re
-import time
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Depends, Path, Query
 
 from fhir_adapter.client import FhirClient
-from fhir_adapter.errors import FhirError, FhirNotFound, FhirTimeout
-from fhir_adapter.normalize import build_timeline
 from model.tasks import Task
+from service.audit import audited
 from service.outcomes import ServiceError
-from service.scoring import Scored, Scorer
-from service.state import ServiceState, get_state, ready_scorer, require_api_key
-
-router = APIRouter(
-    prefix="/patients", tags=["predictions"], dependencies=[Depends(require_api_key)]
+from service.predicting import (
+    fetch_record,
+    observe_scores,
+    record_prediction,
+    score_record,
 )
+from service.scoring import Scored, Scorer
+from service.state import ServiceState, get_state, ready_scorer, ready_store, require_api_key
+from service.store import Store, StoreUnavailable
+
+router = APIRouter(prefix="/patients", tags=["predictions"])
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # FHIR's id datatype
+PatientId = Annotated[str, Path(description="The FHIR Patient id.", max_length=64)]
 
 
 @router.post("/{patient_id}/predict")
 async def predict(
-    patient_id: Annotated[str, Path(description="The FHIR Patient id.")],
+    patient_id: PatientId,
     state: Annotated[ServiceState, Depends(get_state)],
     scorer: Annotated[Scorer, Depends(ready_scorer)],
+    _: Annotated[Store, Depends(ready_store)],
+    actor: Annotated[str, Depends(require_api_key)],
     tasks: Annotated[
         str | None, Query(description="Comma-separated task names; default: every served task.")
     ] = None,
     forecast: Annotated[int, Query(ge=0, description="Next events to forecast.")] = 0,
 ) -> dict[str, Any]:
     """Probabilities and risk levels for the requested tasks, a forecast of the next events,
-    the model's identity, facts about the data used, and timings."""
+    the model's identity, facts about the data used, what the cache contributed, timings,
+    and the id under which the prediction was recorded."""
+    async with audited(state, actor, "predict", patient_id, scorer) as audit:
+        _check_id(patient_id)
+        if forecast > state.settings.max_forecast:
+            raise ServiceError(422, "invalid", f"forecast is at most {state.settings.max_forecast}")
+        wanted = parse_tasks(tasks, scorer.tasks)
+        async with FhirClient(state.fhir_config()) as fhir:
+            audit.fhir_base = fhir.base_url
+            fetched = await fetch_record(state, fhir, patient_id)
+        scored, extra = await score_record(state, scorer, fetched, wanted, forecast)
+        answer = {**answer_body(scorer, scored), **extra}
+        answer["id"] = await record_prediction(state, scorer, fetched.record, "api", wanted, answer)
+        observe_scores(scorer, scored)
+        return answer
+
+
+@router.get("/{patient_id}/predictions")
+async def predictions(
+    patient_id: PatientId,
+    state: Annotated[ServiceState, Depends(get_state)],
+    store: Annotated[Store, Depends(ready_store)],
+    actor: Annotated[str, Depends(require_api_key)],
+    limit: Annotated[int, Query(ge=1, le=500, description="Newest first, at most.")] = 50,
+) -> dict[str, Any]:
+    """The recorded predictions for this patient on the configured FHIR server, newest
+    first."""
+    async with audited(state, actor, "history", patient_id, None):
+        _check_id(patient_id)
+        try:
+            rows = await store.predictions(state.settings.fhir_base_url, patient_id, limit)
+        except StoreUnavailable as exc:
+            raise ServiceError(503, "transient", "the prediction store is unavailable",
+                               headers={"Retry-After": "5"}) from exc  # fmt: skip
+        return {
+            "patient": patient_id,
+            "predictions": [
+                {"id": r.id, "created_at": r.created_at.isoformat(), "source": r.source,
+                 "model": {"name": r.model_name, "version": r.model_version,
+                           "sha256": r.model_sha256},
+                 "tasks": r.tasks, **r.results, "data": r.data}
+                for r in rows
+            ],
+        }  # fmt: skip
+
+
+def _check_id(patient_id: str) -> None:
     if not _FHIR_ID.match(patient_id):
         raise ServiceError(422, "invalid", "the patient id is not a FHIR id")
-    if forecast > state.settings.max_forecast:
-        raise ServiceError(422, "invalid", f"forecast is at most {state.settings.max_forecast}")
-    wanted = _parse_tasks(tasks, scorer.tasks)
-    started = time.perf_counter()
-    try:
-        async with FhirClient(state.fhir_config()) as fhir:
-            record = await fhir.fetch_patient(patient_id)
-    except FhirNotFound as exc:
-        raise ServiceError(404, "not-found", "patient not found on the FHIR server") from exc
-    except FhirTimeout as exc:
-        raise ServiceError(504, "timeout", "the FHIR server did not answer in time") from exc
-    except FhirError as exc:
-        raise ServiceError(
-            502, "exception", f"the FHIR server failed: {exc.status or 'no answer'}"
-        ) from exc
-    fetched = time.perf_counter()
-    timeline = build_timeline(record)
-    now = datetime.now(UTC)
-    try:
-        scored = await anyio.to_thread.run_sync(scorer.score, timeline, wanted, forecast, now)
-    except ValueError as exc:
-        raise ServiceError(422, "processing", f"cannot score this patient: {exc}") from exc
-    return _answer(scorer, scored, {"fetch_s": fetched - started, **scored.timings})
 
 
-def _parse_tasks(tasks: str | None, served: tuple[Task, ...]) -> list[Task]:
+def parse_tasks(tasks: str | None, served: tuple[Task, ...]) -> list[Task]:
+    """The tasks named in a ``tasks=`` parameter (all served ones when absent)."""
     if tasks is None:
         return list(served)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -79,7 +107,8 @@ def _parse_tasks(tasks: str | None, served: tuple[Task, ...]) -> list[Task]:
     return list(dict.fromkeys(known[n] for n in names))
 
 
-def _answer(scorer: Scorer, scored: Scored, timings: dict[str, float]) -> dict[str, Any]:
+def answer_body(scorer: Scorer, scored: Scored) -> dict[str, Any]:
+    """The model's identity, the scores with risk levels, the forecast and the data facts."""
     artifact = scorer.artifact
     thresholds = artifact.config.thresholds
     return {
@@ -103,5 +132,4 @@ def _answer(scorer: Scorer, scored: Scored, timings: dict[str, float]) -> dict[s
             "last_updated": scored.facts.last_updated.isoformat()
             if scored.facts.last_updated else None,
         },
-        "timings": timings,
     }  # fmt: skip

@@ -1,0 +1,157 @@
+"""The one path from a patient's record to a recorded answer, shared by the REST route and
+the CDS Hooks services.
+
+1. **Record**: from the cache and an incremental FHIR fetch (``_lastUpdated`` beyond the
+   cached watermark), or a full fetch, or a CDS request's prefetch.
+2. **Tokens**: the one normaliser and the artifact's tokenizer.
+3. **Scan state**: the cached state is used when the new tokens extend the cached ones
+   exactly; otherwise the engine scans from the start (same answer either way).
+4. **Score** through the micro-batcher, **cache** the new state, **record** the prediction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+
+from fhir_adapter.client import FhirClient
+from fhir_adapter.errors import FhirError, FhirNotFound, FhirTimeout
+from fhir_adapter.normalize import build_timeline
+from fhir_adapter.record import PatientRecord
+from model.tasks import Task
+from service import metrics
+from service.batching import QueueFull
+from service.outcomes import ServiceError
+from service.patient_cache import CachedRecord, StoredScan, merge_records, sequence_digest
+from service.scoring import Scored, Scorer
+from service.state import ServiceState
+from service.store import NewPrediction, StoreUnavailable
+
+
+@dataclass(frozen=True)
+class Fetched:
+    record: PatientRecord
+    mode: str  # cold, incremental or prefetch
+    seconds: float
+
+
+async def fetch_record(state: ServiceState, fhir: FhirClient, patient_id: str) -> Fetched:
+    """The patient's current record: the cached one brought up to date when there is one,
+    else a full read. FHIR failures become 404/502/504 ServiceErrors."""
+    started = time.perf_counter()
+    base = fhir.base_url
+    cached = await state.patients.load_record(base, patient_id)
+    try:
+        if cached is not None and cached.watermark is not None:
+            delta = await fhir.fetch_patient(patient_id, since=cached.watermark)
+            record, mode = merge_records(cached.record, delta), "incremental"
+        else:
+            record, mode = await fhir.fetch_patient(patient_id), "cold"
+    except FhirNotFound as exc:
+        raise ServiceError(404, "not-found", "patient not found on the FHIR server") from exc
+    except FhirTimeout as exc:
+        raise ServiceError(504, "timeout", "the FHIR server did not answer in time") from exc
+    except FhirError as exc:
+        raise ServiceError(
+            502, "exception", f"the FHIR server failed: {exc.status or 'no answer'}"
+        ) from exc
+    return Fetched(record, mode, time.perf_counter() - started)
+
+
+async def score_record(
+    state: ServiceState,
+    scorer: Scorer,
+    fetched: Fetched,
+    tasks: Sequence[Task],
+    forecast: int,
+) -> tuple[Scored, dict[str, Any]]:
+    """Score ``fetched.record`` (continuing a cached scan where the tokens allow), cache
+    what the next call needs, and return the result with its facts and timings."""
+    record = fetched.record
+    started = time.perf_counter()
+    timeline = build_timeline(record)
+    now = datetime.now(UTC)
+    sequence = await anyio.to_thread.run_sync(scorer.tokenize, timeline, now)
+    tokenized = time.perf_counter()
+    sha = scorer.artifact.sha256
+    stored = await state.patients.load_scan(record.source, record.patient_id, sha)
+    cached = stored.scan if stored is not None and stored.covers(sequence) else None
+    try:
+        prepared = scorer.prepare(timeline, sequence, tasks, forecast, now, cached)
+    except ValueError as exc:
+        raise ServiceError(422, "processing", f"cannot score this patient: {exc}") from exc
+    batcher = state.batcher
+    assert batcher is not None
+    try:
+        scored = await batcher.submit(prepared)
+    except QueueFull as exc:
+        raise ServiceError(429, "throttled", f"busy: {exc}; retry shortly",
+                           headers={"Retry-After": "1"}) from exc  # fmt: skip
+    finished = time.perf_counter()
+    state_use = "miss" if cached is None else ("hit" if scored.scanned_tokens == 0 else "extended")
+    metrics.CACHE_REQUESTS.labels("state", state_use).inc()
+    await state.patients.save_scan(
+        record.source, record.patient_id, sha,
+        StoredScan(scored.cache, sequence_digest(sequence, scored.cache.length)),
+    )  # fmt: skip
+    if fetched.mode != "prefetch":
+        await state.patients.save_record(CachedRecord(record, timeline.source.last_updated))
+    timings = {
+        "fetch_s": fetched.seconds,
+        "tokenize_s": tokenized - started,  # normalise and tokenize
+        "queue_s": max(0.0, finished - tokenized - scored.timings["score_s"]),
+        "score_s": scored.timings["score_s"],  # the engine call, for the whole batch
+    }
+    for stage, seconds in (("fetch", fetched.seconds), ("tokenize", tokenized - started),
+                           ("score", scored.timings["score_s"])):  # fmt: skip
+        metrics.INFERENCE_STAGE.labels(stage).observe(seconds)
+    context = {"record": fetched.mode, "state": state_use, "scanned_tokens": scored.scanned_tokens}
+    return scored, {"timings": timings, "cache": context}
+
+
+async def record_prediction(
+    state: ServiceState,
+    scorer: Scorer,
+    record: PatientRecord,
+    source: str,
+    tasks: Sequence[Task],
+    answer: dict[str, Any],
+) -> int:
+    """Write the prediction to the store; 503 when it cannot be written (a prediction that
+    is not recorded is not answered: the audit trail must be complete)."""
+    store = state.store
+    assert store is not None
+    artifact = scorer.artifact
+    try:
+        return await store.record_prediction(
+            NewPrediction(
+                patient_id=record.patient_id,
+                fhir_base=record.source,
+                source=source,
+                model_name=artifact.config.name,
+                model_version=artifact.version,
+                model_sha256=artifact.sha256,
+                tasks=[t.value for t in tasks],
+                results={k: answer[k] for k in ("predictions", "not_scored", "forecast")},
+                data=answer["data"],
+                timings=answer["timings"],
+            )
+        )
+    except StoreUnavailable as exc:
+        metrics.STORE_ERRORS.labels("record_prediction").inc()
+        raise ServiceError(
+            503, "transient", "the prediction could not be recorded; nothing was answered",
+            headers={"Retry-After": "5"},
+        ) from exc  # fmt: skip
+
+
+def observe_scores(scorer: Scorer, scored: Scored) -> None:
+    thresholds = scorer.artifact.config.thresholds
+    for task, p in scored.probabilities.items():
+        metrics.PREDICTIONS.labels(task.value, thresholds[task].level(p)).inc()
+        metrics.PREDICTION_SCORE.labels(task.value).observe(p)
