@@ -8,6 +8,7 @@ the process into a restart loop.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -40,6 +41,9 @@ from service.store import Store, StoreUnavailable
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    # httpx logs every request URL at INFO, and FHIR URLs carry patient ids.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
     state = _state(settings or Settings())
 
     @asynccontextmanager
