@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from fhir_adapter.client import FhirClient, FhirClientConfig
+from fhir_adapter.local_server import FhirServer, install_fhir_server, start_fhir_server
 from fhir_adapter.record import PatientRecord
 from fhir_adapter.upload import upload_record
-from tests.support.fhir_server import FhirServer, install_fhir_server, start_fhir_server
 from tests.support.samples import clinosim_records, require_shared_data, synthea_records
 
 

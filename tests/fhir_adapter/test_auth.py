@@ -18,10 +18,10 @@ from fhir_adapter.bulk import BulkExportClient
 from fhir_adapter.client import FhirClient, FhirClientConfig
 from fhir_adapter.errors import FhirUnauthorized
 from fhir_adapter.files import ExportReader
+from fhir_adapter.local_server import FhirServer, start_fhir_server
 from fhir_adapter.upload import upload_record
 from tests.conftest import LoadedServer
 from tests.support.faults import FaultTransport
-from tests.support.fhir_server import FhirServer, start_fhir_server
 
 STATIC_TOKEN = "static-test-token"
 

@@ -18,11 +18,11 @@ from fhir_adapter.errors import (
     FhirUnavailable,
     FhirUpstreamError,
 )
+from fhir_adapter.local_server import start_fhir_server
 from fhir_adapter.normalize import build_timeline
 from fhir_adapter.upload import upload_record
 from tests.conftest import LoadedServer
 from tests.support.faults import FaultTransport, first_n
-from tests.support.fhir_server import start_fhir_server
 from tests.support.timelines import timeline_content
 
 

@@ -1,12 +1,14 @@
-"""A real FHIR server process for tests: sekmet-fhir, pinned, in its own virtual environment.
+"""A local FHIR server process: sekmet-fhir, pinned, in its own virtual environment.
 
-``scripts/install-fhir-server`` installs it (the first test session does this itself); each
-server gets a free loopback port and a data folder of its own, so tests never share state
-with a developer's running servers.
+The tests, the demo and the service benchmarks all run against it, so what they show
+is what a real server does. ``scripts/install-fhir-server`` installs it (the first caller
+does this itself); each server gets a free loopback port and a data folder of its own, so
+nothing shares state with a developer's running servers.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import time
@@ -15,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]  # the repository (an editable install)
 VENV = ROOT / ".cache" / "fhir-server-venv"
 _START_TIMEOUT_S = 60.0
 
@@ -75,7 +76,7 @@ def start_fhir_server(
         "server_auth": server_auth or {"types": ["none"]},
     }
     config = workdir / "settings.yaml"
-    config.write_text(yaml.safe_dump(settings))
+    config.write_text(json.dumps(settings))  # JSON is YAML
     log = (workdir / "server.log").open("wb")
     process = subprocess.Popen(
         [str(executable), "serve", "--config", str(config)],
