@@ -35,11 +35,10 @@ from fhir_adapter.errors import (
     FhirUnavailable,
     FhirUpstreamError,
 )
-from fhir_adapter.record import CLINICAL_TYPES, JsonObject, PatientRecord
+from fhir_adapter.record import CLINICAL_TYPES, MEDICATION_TYPES, JsonObject, PatientRecord
 
 FHIR_JSON = "application/fhir+json"
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
-_MEDICATION_TYPES = ("MedicationRequest", "MedicationAdministration")
 
 # Told of every HTTP exchange: (method, resource type, seconds, outcome), where outcome is
 # "ok" or the failure kind (timeout, connection, status_4xx, status_5xx). The service hangs
@@ -123,8 +122,21 @@ class FhirClient:
         """Every entry of a search, page after page. ``fresh`` asks caches to revalidate."""
         query = dict(params or {})
         query.setdefault("_count", str(self.config.page_size))
+        async for entry in self._pages(f"{self.base_url}/{resource_type}", query, fresh):
+            yield entry
+
+    async def continue_search(self, url: str) -> AsyncIterator[SearchEntry]:
+        """Every entry from a search page URL on (a ``next`` link someone else followed
+        so far), on this server's origin only."""
+        if origin(url) != self._base_origin:
+            raise FhirUpstreamError("the search page is not on this FHIR server", url=url)
+        async for entry in self._pages(url, None, fresh=True):
+            yield entry
+
+    async def _pages(
+        self, url: str | None, query: Mapping[str, str] | None, fresh: bool
+    ) -> AsyncIterator[SearchEntry]:
         headers = {"Cache-Control": "no-cache"} if fresh else None
-        url: str | None = f"{self.base_url}/{resource_type}"
         seen: set[str] = set()
         first = True
         while url is not None:
@@ -179,7 +191,7 @@ class FhirClient:
         params = {"patient": patient_id}
         if since is not None:
             params["_lastUpdated"] = "gt" + since.astimezone(UTC).isoformat().replace("+00:00", "Z")
-        if resource_type in _MEDICATION_TYPES:
+        if resource_type in MEDICATION_TYPES:
             params["_include"] = f"{resource_type}:medication"
         return [entry async for entry in self.search(resource_type, params, fresh=True)]
 

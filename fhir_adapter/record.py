@@ -23,6 +23,8 @@ CLINICAL_TYPES = (
     "Condition",
 )
 READ_TYPES = ("Patient", *CLINICAL_TYPES, "Medication")
+# Types whose medication may be a reference to a Medication resource (read with _include).
+MEDICATION_TYPES = ("MedicationRequest", "MedicationAdministration")
 
 
 @dataclass(slots=True)

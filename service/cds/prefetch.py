@@ -29,12 +29,11 @@ import asyncio
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 from urllib.parse import SplitResult, urljoin, urlsplit
 
 from fhir_adapter.auth import Auth, BearerToken, NoAuth
 from fhir_adapter.client import FhirClient
-from fhir_adapter.errors import FhirUpstreamError
 from fhir_adapter.files import bundle_resources
 from fhir_adapter.record import JsonObject, PatientRecord
 from fhir_adapter.references import patient_id_of
@@ -222,21 +221,16 @@ class _Gathered:
         return None
 
     async def _follow(self, fhir: FhirClient, query: PrefetchQuery, page: JsonObject) -> None:
-        """Follow next links from a prefetched page, on ``fhirServer`` only: a link the
-        client sent elsewhere is its error (422), one the server sent is the server's."""
+        """The rest of a paged prefetch, from its next link on ``fhirServer`` only (a link
+        the client sent elsewhere is its error, 422; the server's own paging is checked by
+        the FHIR client)."""
         link = _next_link(page, fhir.base_url + "/")
-        if link is not None and not _is_under(link, fhir.base_url):
+        if link is None:
+            return
+        if not _is_under(link, fhir.base_url):
             raise PrefetchInvalid(f"the next link of prefetch {query.key!r} is not on fhirServer")
-        seen: set[str] = set()
-        while link is not None:
-            if link in seen or len(seen) >= fhir.config.max_pages:
-                raise FhirUpstreamError("search paging loops or never ends", url=link)
-            seen.add(link)
-            page = await _get_bundle(fhir, link)
-            self.take(query, bundle_resources(page), self.fetched)
-            link = _next_link(page, link)
-            if link is not None and not _is_under(link, fhir.base_url):
-                raise FhirUpstreamError("next link points outside fhirServer", url=link)
+        rest = [entry.resource async for entry in fhir.continue_search(link)]
+        self.take(query, rest, self.fetched)
 
 
 def _server_key(url: str) -> tuple[str, str, int, str] | None:
@@ -306,14 +300,3 @@ def _next_link(bundle: JsonObject, against: str) -> str | None:
         if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
             return urljoin(against, str(link["url"]))
     return None
-
-
-async def _get_bundle(fhir: FhirClient, url: str) -> JsonObject:
-    response = await fhir.request("GET", url, headers={"Cache-Control": "no-cache"})
-    try:
-        body: Any = response.json()
-    except ValueError as exc:
-        raise FhirUpstreamError("a search page is not JSON", url=url) from exc
-    if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
-        raise FhirUpstreamError("a search page is not a Bundle", url=url)
-    return body

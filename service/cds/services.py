@@ -16,12 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fhir_adapter.record import CLINICAL_TYPES
+from fhir_adapter.record import CLINICAL_TYPES, MEDICATION_TYPES
 from model.tasks import Task
 from service.cds.models import Discovery, Hook, ServiceDescription
 
 PATIENT_TOKEN = "{{context.patientId}}"
-_MEDICATION_TYPES = ("MedicationRequest", "MedicationAdministration")
 
 TASK_TITLES: dict[Task, str] = {
     Task.MORTALITY: "Death in hospital or within 32 days of discharge",
@@ -63,7 +62,7 @@ class PrefetchQuery:
 
 def _search(resource_type: str) -> PrefetchQuery:
     key = resource_type[0].lower() + resource_type[1:] + "s"  # Encounter -> encounters
-    include = f"{resource_type}:medication" if resource_type in _MEDICATION_TYPES else None
+    include = f"{resource_type}:medication" if resource_type in MEDICATION_TYPES else None
     return PrefetchQuery(key, resource_type, include)
 
 
