@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -39,3 +40,27 @@ def model(
             print(model_speed.as_json(measurement), flush=True)
     if not as_json:
         print(model_speed.table(done))
+
+
+@app.command()
+def service(
+    patients: Annotated[
+        int, typer.Option(min=2, help="Distinct patients; each one's first call is cold.")
+    ] = 60,
+    rounds: Annotated[int, typer.Option(min=1, help="Passes over them for the warm cases.")] = 3,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="The shared data folder (default: ../shared/data beside the repo)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Predict and CDS Hooks latency over HTTP against real service and FHIR server
+    processes, against the service's targets."""
+    from bench import service_latency
+
+    measurements = service_latency.run(data or service_latency.DEFAULT_DATA, patients, rounds)
+    if as_json:
+        for measurement in measurements:
+            print(service_latency.as_json(measurement))
+    else:
+        print(service_latency.table(measurements))

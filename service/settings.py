@@ -1,13 +1,14 @@
 """Every setting of the service in one typed object, read once from the environment
 (``EHRMAMBA_`` prefix) or an ``.env`` file. Nothing else in the service reads the
-environment. Lists and nested objects are given as JSON, e.g.
+environment. ``DATABASE_URL`` and ``REDIS_URL`` are also read without the prefix, as
+container platforms name them. Lists and nested objects are given as JSON, e.g.
 ``EHRMAMBA_FHIR_SERVER_ALLOW='["https://fhir.hospital.org/r4"]'``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -26,7 +27,9 @@ class CdsIssuer(BaseModel):
 class Settings(BaseSettings):
     """Service configuration. Durations are seconds, sizes bytes."""
 
-    model_config = SettingsConfigDict(env_prefix="EHRMAMBA_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="EHRMAMBA_", env_file=".env", extra="ignore", populate_by_name=True
+    )
 
     # --- model and FHIR ----------------------------------------------------------------------
     model_path: Path = Field(
@@ -51,11 +54,14 @@ class Settings(BaseSettings):
     # --- storage -----------------------------------------------------------------------------
     database_url: str = Field(
         default="sqlite:///var/ehrmamba.db",
+        validation_alias=AliasChoices("EHRMAMBA_DATABASE_URL", "DATABASE_URL"),
         description="SQLAlchemy URL of the prediction, feedback and audit store "
         "(postgresql+psycopg://... in production).",
     )
     redis_url: str | None = Field(
-        default=None, description="Shared cache for several replicas; unset: in-process LRU."
+        default=None,
+        validation_alias=AliasChoices("EHRMAMBA_REDIS_URL", "REDIS_URL"),
+        description="Shared cache for several replicas; unset: in-process LRU.",
     )
     cache_ttl: float = Field(default=24 * 3600.0, gt=0, description="Life of a cached patient.")
     cache_max_entries: int = Field(default=10_000, ge=1, description="In-process LRU size.")

@@ -27,6 +27,7 @@ from service.cds.services import SERVICES, CdsService, discovery
 from service.outcomes import ServiceError
 from service.predicting import Fetched, observe_scores, record_prediction, score_record
 from service.routes.predict import answer_body
+from service.schemas import FeedbackStored, errors
 from service.scoring import Scorer
 from service.state import ServiceState, get_state, ready_scorer, ready_store
 from service.store import FeedbackItem, Store, StoreUnavailable
@@ -45,7 +46,12 @@ async def services(scorer: Annotated[Scorer, Depends(ready_scorer)]) -> dict[str
     return discovery(SERVICES, scorer.tasks)
 
 
-@router.post("/{service_id}", response_model=CardsResponse, response_model_by_alias=True)
+@router.post(
+    "/{service_id}",
+    response_model=CardsResponse,
+    response_model_by_alias=True,
+    responses=errors(401, 403, 404, 412, 413, 422, 429, 502, 503, 504),
+)
 async def call(
     service_id: ServiceId,
     body: HookRequest,
@@ -72,7 +78,11 @@ async def call(
     return {"cards": cards}
 
 
-@router.post("/{service_id}/feedback")
+@router.post(
+    "/{service_id}/feedback",
+    response_model=FeedbackStored,
+    responses=errors(401, 404, 413, 422, 503),
+)
 async def feedback(
     service_id: ServiceId,
     body: FeedbackRequest,

@@ -17,6 +17,7 @@ from service.predicting import (
     record_prediction,
     score_record,
 )
+from service.schemas import History, Prediction, errors
 from service.scoring import Scored, Scorer
 from service.state import ServiceState, get_state, ready_scorer, ready_store, require_api_key
 from service.store import Store, StoreUnavailable
@@ -26,7 +27,11 @@ _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # FHIR's id datatype
 PatientId = Annotated[str, Path(description="The FHIR Patient id.", max_length=64)]
 
 
-@router.post("/{patient_id}/predict")
+@router.post(
+    "/{patient_id}/predict",
+    response_model=Prediction,
+    responses=errors(401, 404, 413, 422, 429, 502, 503, 504),
+)
 async def predict(
     patient_id: PatientId,
     state: Annotated[ServiceState, Depends(get_state)],
@@ -56,7 +61,7 @@ async def predict(
         return answer
 
 
-@router.get("/{patient_id}/predictions")
+@router.get("/{patient_id}/predictions", response_model=History, responses=errors(401, 422, 503))
 async def predictions(
     patient_id: PatientId,
     state: Annotated[ServiceState, Depends(get_state)],

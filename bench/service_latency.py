@@ -1,0 +1,389 @@
+"""Service latency as a client sees it (`ehrmamba bench service`).
+
+The service and the FHIR server run as real processes and every call goes over loopback
+HTTP, because an in-process test client would hide what a hospital pays for: HTTP and JSON
+on both hops, the FHIR server's searches, the store write and the event loop between them.
+Everything shares this machine's cores, the benchmark's own client included.
+
+Cases:
+- ``predict_cold``: each patient's first ``POST /patients/{id}/predict``: a full FHIR read
+  and a scan from the start. Cycling through distinct patients makes every call cold
+  without restarting anything.
+- ``predict_warm``: the same patients again with nothing new on the FHIR server: the record
+  is fetched incrementally (``_lastUpdated`` after the cached watermark) and the cached scan
+  state is reused.
+- ``predict_warm_x8``: warm calls with 8 in flight, so the micro-batcher can score several
+  patients in one engine call.
+- ``cds_first``: a ``patient-view`` hook with the whole prefetch (gathered beforehand, as an
+  EHR sends it) and a fresh ES384 client JWT per call, once per patient. A call without
+  ``fhirServer`` keys its scan state apart from the REST route's, so nothing is cached.
+- ``cds_repeat``: the same hook calls again (the scan state is reused; the prefetch is
+  parsed and normalised every time).
+
+One extra patient warms the process first (imports, allocator, first engine call) and is
+not measured: a cold patient is not a cold process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import httpx
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from fhir_adapter.client import FhirClient, FhirClientConfig
+from fhir_adapter.files import ExportReader
+from fhir_adapter.local_server import free_port, install_fhir_server, start_fhir_server
+from fhir_adapter.record import JsonObject, PatientRecord
+from fhir_adapter.upload import upload_record
+from service.cds.client_token import ClientKey, sign_client_token
+from service.cds.services import PREFETCH
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
+SYNTHEA = "synthea-r4/bundles.tar.gz"
+CLINOSIM = "clinosim-us/ndjson.tar.gz"
+ISSUER = "https://ehr.bench.example"
+CDS_PATH = "/cds-services/ehrmamba-patient-view"
+CONCURRENCY = 8
+STAGES = ("fetch", "tokenize", "queue", "score")
+_READY_TIMEOUT_S = 180.0
+
+
+@dataclass
+class Measurement:
+    case: str
+    n: int
+    median_ms: float
+    p95_ms: float
+    max_ms: float
+    target_ms: float | None  # the p95 must stay below it
+    stages_ms: dict[str, float]  # medians of the service's own timings; empty for CDS cards
+    note: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.target_ms is None else self.p95_ms < self.target_ms
+
+
+@dataclass
+class _Calls:
+    """One case's round trips with what each answer said about its own time and cache use."""
+
+    seconds: list[float] = field(default_factory=list)
+    stages: list[dict[str, float]] = field(default_factory=list)
+    cache: Counter[str] = field(default_factory=Counter)
+    tokens: list[int] = field(default_factory=list)
+
+    def add(self, seconds: float, answer: JsonObject | None = None) -> None:
+        self.seconds.append(seconds)
+        if answer is not None:
+            self.stages.append(answer["timings"])
+            self.cache[f"{answer['cache']['record']}/{answer['cache']['state']}"] += 1
+            self.tokens.append(answer["data"]["tokens"])
+
+    def measurement(self, case: str, target_ms: float | None, note: str) -> Measurement:
+        ms = sorted(s * 1000 for s in self.seconds)
+        p95 = statistics.quantiles(ms, n=20, method="inclusive")[-1] if len(ms) > 1 else ms[0]
+        stages = (
+            {s: statistics.median(t[f"{s}_s"] for t in self.stages) * 1000 for s in STAGES}
+            if self.stages
+            else {}
+        )
+        cache = ", ".join(f"{k} {v}" for k, v in sorted(self.cache.items()))
+        note = "; ".join(part for part in (cache, note) if part)
+        return Measurement(case, len(ms), statistics.median(ms), p95, ms[-1], target_ms,
+                           stages, note)  # fmt: skip
+
+
+def run(data: Path, patients: int, rounds: int) -> list[Measurement]:
+    """Start both servers, load ``patients`` (+1 to warm up) shared patients, measure every
+    case (``rounds`` passes over the patients for the warm ones) and stop what was started."""
+    records = load_records(data, patients + 1)
+    with tempfile.TemporaryDirectory(prefix="ehrmamba-bench-") as tmp, ExitStack() as stack:
+        work = Path(tmp)
+        fhir = start_fhir_server(install_fhir_server(), work / "fhir")
+        stack.callback(fhir.stop)
+        key = ClientKey.generate("ES384")
+        service = _Service.start(work / "service", fhir.base_url, key)  # loads while we upload
+        stack.callback(service.stop)
+        prefetches = asyncio.run(_load(fhir.base_url, records))
+        service.wait_ready()
+        return asyncio.run(_measure(service.url, key, prefetches, rounds))
+
+
+def load_records(data: Path, count: int) -> list[PatientRecord]:
+    """The first patients (by id, which is random in both sets) of the Synthea bundles and
+    the clinosim export, half from each: no patient is chosen for being small."""
+    records: list[PatientRecord] = []
+    for name, wanted in ((SYNTHEA, count - count // 2), (CLINOSIM, count // 2)):
+        path = data / name
+        if not path.is_file():
+            raise FileNotFoundError(f"shared data missing: {path}")
+        records.extend(islice(ExportReader(path).records(), wanted))
+    return records
+
+
+class _Service:
+    """``ehrmamba serve`` in its own process, configured only by the variables set here."""
+
+    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
+        self.process = process
+        self.url = url
+        self.log = log
+
+    @classmethod
+    def start(cls, workdir: Path, fhir_base: str, key: ClientKey) -> _Service:
+        workdir.mkdir(parents=True)
+        jwks = workdir / "ehr-jwks.json"
+        jwks.write_bytes(orjson.dumps(key.public_jwks()))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EHRMAMBA_")}
+        env |= {
+            "EHRMAMBA_MODEL_PATH": str(ROOT / "models" / "compact"),
+            "EHRMAMBA_FHIR_BASE_URL": fhir_base,
+            "EHRMAMBA_FHIR_SERVER_ALLOW": json.dumps([fhir_base]),
+            "EHRMAMBA_DATABASE_URL": f"sqlite:///{workdir / 'store.db'}",
+            "EHRMAMBA_CDS_ISSUERS": json.dumps([{"iss": ISSUER, "jwks_file": str(jwks)}]),
+        }
+        port = free_port()
+        log = workdir / "service.log"
+        with log.open("wb") as out:  # the child keeps its own descriptor
+            process = subprocess.Popen(
+                [str(Path(sys.executable).with_name("ehrmamba")), "serve", "--port", str(port)],
+                cwd=workdir,  # no developer's .env is read
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        return cls(process, f"http://127.0.0.1:{port}", log)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the service exited at start:\n{self._log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the service was not ready in {_READY_TIMEOUT_S} s:\n"
+                           f"{self._log_tail()}")  # fmt: skip
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+    def _log_tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
+
+
+async def _load(fhir_base: str, records: list[PatientRecord]) -> dict[str, JsonObject]:
+    """Upload the records, then read each patient's prefetch back from the server (an EHR
+    sends what its server holds, not what a file said)."""
+    started = time.perf_counter()
+    async with FhirClient(FhirClientConfig(base_url=fhir_base)) as fhir:
+        resources = 0
+        for record in records:
+            resources += await upload_record(fhir, record)
+        _say(f"loaded {len(records)} patients ({resources} resources) in "
+             f"{time.perf_counter() - started:.0f} s")  # fmt: skip
+        return {r.patient_id: await _prefetch(fhir, r.patient_id) for r in records}
+
+
+async def _prefetch(fhir: FhirClient, patient_id: str) -> JsonObject:
+    """Every prefetch template answered whole: the Patient, and one searchset Bundle per
+    search with all its pages."""
+    prefetch: JsonObject = {}
+    for query in PREFETCH:
+        if query.is_read:
+            prefetch[query.key] = await fhir.read("Patient", patient_id)
+            continue
+        found = fhir.search(query.resource_type, query.search_params(patient_id))
+        entries: list[JsonObject] = [
+            {"fullUrl": f"{fhir.base_url}/{e.resource['resourceType']}/{e.resource['id']}",
+             "resource": e.resource, "search": {"mode": e.mode}}
+            async for e in found
+        ]  # fmt: skip
+        prefetch[query.key] = {"resourceType": "Bundle", "type": "searchset",
+                               "total": sum(e["search"]["mode"] == "match" for e in entries),
+                               "entry": entries}  # fmt: skip
+    return prefetch
+
+
+async def _measure(
+    url: str, key: ClientKey, prefetches: dict[str, JsonObject], rounds: int
+) -> list[Measurement]:
+    warmup, *patients = prefetches
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        client = _Client(http, key, url)
+        await client.predict(warmup, _Calls())
+        await client.cds(warmup, prefetches[warmup], _Calls())
+        done = await _predict_cases(client, patients, rounds)
+        done.append(await _concurrent_case(client, patients, rounds))
+        for case, passes in (("cds_first", 1), ("cds_repeat", rounds)):
+            done.append(await _cds_case(client, case, patients, prefetches, passes))
+        return done
+
+
+async def _predict_cases(client: _Client, patients: list[str], rounds: int) -> list[Measurement]:
+    cold = _Calls()
+    for patient in patients:
+        await client.predict(patient, cold)
+    tokens = f"tokens median {statistics.median(cold.tokens):.0f}, max {max(cold.tokens)}"
+    _say(f"predict_cold: {len(cold.seconds)} calls")
+    warm = _Calls()
+    started = time.perf_counter()
+    for _ in range(rounds):
+        for patient in patients:
+            await client.predict(patient, warm)
+    rate = len(warm.seconds) / (time.perf_counter() - started)
+    _say(f"predict_warm: {len(warm.seconds)} calls")
+    return [
+        cold.measurement("predict_cold", 500, tokens),
+        warm.measurement("predict_warm", 50, f"one at a time: {rate:.1f} req/s"),
+    ]
+
+
+async def _concurrent_case(client: _Client, patients: list[str], rounds: int) -> Measurement:
+    """Warm calls with ``CONCURRENCY`` in flight; the engine's batch sizes come from the
+    service's metrics."""
+    calls = _Calls()
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(patient: str) -> None:
+        async with gate:
+            await client.predict(patient, calls)
+
+    before = await client.metrics()
+    started = time.perf_counter()
+    await asyncio.gather(*(one(p) for _ in range(rounds) for p in patients))
+    rate = len(calls.seconds) / (time.perf_counter() - started)
+    used = _since(before, await client.metrics())
+    size = used["batch_size_sum"] / max(used["batch_size_count"], 1)
+    case = f"predict_warm_x{CONCURRENCY}"
+    _say(f"{case}: {len(calls.seconds)} calls")
+    note = f"{CONCURRENCY} in flight: {rate:.1f} req/s, mean engine batch {size:.1f}"
+    return calls.measurement(case, None, note)
+
+
+async def _cds_case(
+    client: _Client,
+    case: str,
+    patients: list[str],
+    prefetches: dict[str, JsonObject],
+    passes: int,
+) -> Measurement:
+    """Hook calls with the whole prefetch; the cards carry no timings, so the scan-state
+    cache use comes from the service's metrics."""
+    calls = _Calls()
+    before = await client.metrics()
+    for _ in range(passes):
+        for patient in patients:
+            await client.cds(patient, prefetches[patient], calls)
+    used = _since(before, await client.metrics())
+    state = ", ".join(f"{k} {v:.0f}" for k, v in sorted(used.items()) if k.startswith("state"))
+    size = statistics.median(client.body_bytes[p] for p in patients) / 1024
+    _say(f"{case}: {len(calls.seconds)} calls")
+    return calls.measurement(case, 500, f"{state}; body median {size:.0f} KiB")
+
+
+def _since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+
+
+class _Client:
+    """An API client and an EHR: times each round trip from request to parsed answer;
+    request bodies and JWTs are made before the clock starts."""
+
+    def __init__(self, http: httpx.AsyncClient, key: ClientKey, url: str) -> None:
+        self.http = http
+        self.key = key
+        self.url = url
+        self.body_bytes: dict[str, int] = {}
+
+    async def predict(self, patient_id: str, calls: _Calls) -> None:
+        started = time.perf_counter()
+        response = await self.http.post(f"/patients/{patient_id}/predict")
+        answer = _answer(response)
+        calls.add(time.perf_counter() - started, answer)
+
+    async def cds(self, patient_id: str, prefetch: JsonObject, calls: _Calls) -> None:
+        body = orjson.dumps(
+            {"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
+             "context": {"userId": "Practitioner/bench", "patientId": patient_id},
+             "prefetch": prefetch}
+        )  # fmt: skip
+        self.body_bytes[patient_id] = len(body)
+        token = sign_client_token(self.key, ISSUER, self.url + CDS_PATH)
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        started = time.perf_counter()
+        response = await self.http.post(CDS_PATH, content=body, headers=headers)
+        _answer(response)
+        calls.add(time.perf_counter() - started)
+
+    async def metrics(self) -> dict[str, float]:
+        """The scan-state cache results and engine batch sizes counted so far."""
+        text = (await self.http.get("/metrics")).raise_for_status().text
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "ehrmamba_cache_requests_total":
+                    if sample.labels["kind"] == "state":
+                        values[f"state {sample.labels['result']}"] = sample.value
+                elif sample.name.startswith("ehrmamba_batch_size_"):
+                    values[sample.name.removeprefix("ehrmamba_")] = sample.value
+        return values
+
+
+def _answer(response: httpx.Response) -> JsonObject:
+    if response.status_code != 200:
+        raise RuntimeError(f"{response.request.url.path}: {response.status_code} "
+                           f"{response.text[:500]}")  # fmt: skip
+    answer: JsonObject = orjson.loads(response.content)
+    return answer
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def table(measurements: list[Measurement]) -> str:
+    """A Markdown table: latency per case, the target on its p95, and the medians of the
+    service's own timings."""
+    lines = [
+        "| case | n | median ms | p95 ms | max ms | target | met | fetch | tokenize | queue "
+        "| score | note |",
+        "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---|",
+    ]
+    for m in measurements:
+        target = "-" if m.target_ms is None else f"p95 < {m.target_ms:.0f} ms"
+        met = {None: "-", True: "yes", False: "no"}[m.met]
+        stages = " | ".join(f"{m.stages_ms[s]:.1f}" if s in m.stages_ms else "-" for s in STAGES)
+        lines.append(f"| {m.case} | {m.n} | {m.median_ms:.1f} | {m.p95_ms:.1f} | "
+                     f"{m.max_ms:.1f} | {target} | {met} | {stages} | {m.note} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def as_json(m: Measurement) -> str:
+    return json.dumps({**asdict(m), "met": m.met})

@@ -1,0 +1,113 @@
+"""Response shapes of the REST routes, so the OpenAPI document says exactly what comes
+back (and FastAPI checks every answer against it)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class Issue(BaseModel):
+    severity: Literal["fatal", "error", "warning", "information"]
+    code: str = Field(description="A FHIR issue-type code (not-found, invalid, timeout...).")
+    diagnostics: str
+
+
+class OperationOutcome(BaseModel):
+    """Every error: a FHIR OperationOutcome."""
+
+    resourceType: Literal["OperationOutcome"]  # noqa: N815  (FHIR's name)
+    issue: list[Issue]
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for these error statuses."""
+    meaning = {
+        401: "No valid credentials.",
+        403: "A fhirServer outside the allow-list.",
+        404: "Unknown patient or service.",
+        412: "The prefetch lacks data and no fhirServer was named to read it from.",
+        413: "Request body too large.",
+        422: "Invalid parameters or a record that cannot be scored.",
+        429: "The inference queue is full; retry after Retry-After seconds.",
+        502: "The FHIR server failed.",
+        503: "Not ready (model or store), or the store could not record the answer.",
+        504: "The FHIR server did not answer in time.",
+    }
+    return {s: {"model": OperationOutcome, "description": meaning[s]} for s in statuses}
+
+
+class Model(BaseModel):
+    name: str
+    version: str
+    sha256: str = Field(description="Of the artifact's manifest: which weights answered.")
+
+
+class TaskScore(BaseModel):
+    probability: float = Field(ge=0, le=1)
+    risk: Literal["low", "moderate", "high"] = Field(
+        description="From the artifact's thresholds for this task."
+    )
+
+
+class Candidate(BaseModel):
+    token: str
+    probability: float
+
+
+class ForecastEvent(BaseModel):
+    token: str = Field(description="SYSTEM|code, with #bin for a lab value bin.")
+    code: str
+    lab_bin: int | None = Field(description="0 (lowest) to 4 (highest) for labs.")
+    probability: float
+    candidates: list[Candidate]
+
+
+class DataFacts(BaseModel):
+    resources: dict[str, int] = Field(description="Resources read, by type.")
+    dropped: dict[str, int] = Field(description="Resources left out, by type:reason.")
+    visits: int
+    events: int
+    tokens: int
+    truncated: bool = Field(description="Whether the oldest history fell outside the window.")
+    last_updated: str | None = Field(description="Newest meta.lastUpdated seen.")
+
+
+class CacheUse(BaseModel):
+    record: Literal["cold", "incremental", "prefetch"]
+    state: Literal["miss", "hit", "extended"]
+    scanned_tokens: int = Field(description="Tokens this call scanned (0: fully cached).")
+
+
+class Prediction(BaseModel):
+    id: int = Field(description="The stored prediction's id.")
+    model: Model
+    predictions: dict[str, TaskScore]
+    not_scored: dict[str, str] = Field(description="Task -> why it was not scored.")
+    forecast: list[ForecastEvent]
+    data: DataFacts
+    cache: CacheUse
+    timings: dict[str, float] = Field(description="Seconds: fetch, tokenize, queue, score.")
+
+
+class StoredPrediction(BaseModel):
+    id: int
+    created_at: str
+    source: str = Field(description="api, or cds:<service id>.")
+    model: Model
+    tasks: list[str]
+    predictions: dict[str, TaskScore]
+    not_scored: dict[str, str]
+    forecast: list[ForecastEvent]
+    data: DataFacts
+
+
+class History(BaseModel):
+    patient: str
+    predictions: list[StoredPrediction]
+
+
+class FeedbackStored(BaseModel):
+    stored: int = Field(description="Feedback items stored by this call.")
+    duplicates: int = Field(description="Items already stored earlier (sent again).")
