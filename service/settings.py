@@ -41,8 +41,10 @@ class Settings(BaseSettings):
     fhir_token: SecretStr | None = Field(
         default=None, description="Bearer token for that FHIR server, if it needs one."
     )
-    fhir_timeout: float = Field(default=30.0, gt=0)
-    fhir_retries: int = Field(default=3, ge=0)
+    fhir_timeout: float = Field(default=30.0, gt=0, description="Per FHIR request.")
+    fhir_retries: int = Field(
+        default=3, ge=0, description="Retries of a FHIR read on 429, 502-504 or no connection."
+    )
     max_forecast: int = Field(default=20, ge=0, description="Largest forecast=k accepted.")
     public_url: str | None = Field(
         default=None,

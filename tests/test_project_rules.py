@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from service.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -35,3 +37,9 @@ def test_tool_passes(command: list[str]) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+def test_every_setting_is_documented() -> None:
+    guide = (ROOT / "docs" / "service.md").read_text()
+    missing = [n for n in Settings.model_fields if f"`EHRMAMBA_{n.upper()}`" not in guide]
+    assert missing == [], f"docs/service.md lacks {missing}"
