@@ -468,6 +468,8 @@ async def test_the_access_token_never_shows_in_logs_or_errors(
     loaded_fhir: LoadedServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
+    for noisy in ("httpx", "httpcore"):  # the service quiets them; here we want every line
+        caplog.set_level(logging.DEBUG, logger=noisy)
     pid = loaded_fhir.records[0].patient_id
     request = _hook(pid, {}, server=loaded_fhir.base_url, token=TOKEN)
     access = fhir_access(request, [loaded_fhir.base_url])
