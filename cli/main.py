@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import bench, data, serve, train
+from cli import bench, data, demo, serve, train
 
 app = typer.Typer(
     name="ehrmamba",
@@ -17,3 +17,4 @@ app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")
 app.add_typer(train.app)
 app.add_typer(serve.app)
+app.add_typer(demo.app, name="demo")
