@@ -25,8 +25,9 @@ BIN = Path(sys.executable).parent
         ["ruff", "check", "."],
         ["ruff", "format", "--check", "."],
         ["mypy"],
+        ["python", "scripts/api_reference.py", "--check"],
     ],
-    ids=["import-contracts", "ruff-check", "ruff-format", "mypy"],
+    ids=["import-contracts", "ruff-check", "ruff-format", "mypy", "api-reference-current"],
 )
 def test_tool_passes(command: list[str]) -> None:
     result = subprocess.run(
