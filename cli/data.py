@@ -19,8 +19,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from fhir_adapter.files import ExportReader
+from fhir_adapter.normalize import build_timeline
 from fhir_adapter.summary import SourceSummary, summarize
-from training.dataset import BuildConfig, build_dataset
+from model.artifact import attach_displays, load_artifact
+from training.dataset import BuildConfig, build_dataset, code_displays
 from training.report import cohort_markdown, cohort_table
 
 app = typer.Typer(help="Inspect FHIR export files and bundles.", no_args_is_help=True)
@@ -95,6 +98,21 @@ def build(
 
         cohort = build_dataset(config, advance)
     Console(width=max(Console().width, 120)).print(cohort_table(cohort))
+
+
+@app.command()
+def displays(
+    sources: Annotated[list[Path], typer.Argument(help="FHIR sources the model was trained on.")],
+    artifact: Annotated[Path, typer.Option(help="The artifact folder to add them to.")],
+) -> None:
+    """Add how the sources name each code (their codings' display) to an artifact, so
+    forecasts and explanations read as words; the weights are not touched."""
+    timelines = (
+        build_timeline(record) for source in sources for record in ExportReader(source).records()
+    )
+    names = code_displays(timelines, load_artifact(artifact).vocab)
+    digest = attach_displays(artifact, names)
+    Console().print(f"{len(names)} display names added to {artifact}; sha256 {digest}")
 
 
 @app.command()

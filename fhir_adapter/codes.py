@@ -129,6 +129,26 @@ def pick_code(concept: Any, preferred: Sequence[str]) -> str | None:
     return f"{system}|{code}"
 
 
+def pick_display(concept: Any, code: str) -> str | None:
+    """How the source names ``code`` (``SYSTEM|CODE`` from ``pick_code``): that coding's
+    ``display``, else the concept's ``text``; None when neither is given."""
+    if not isinstance(concept, dict):
+        return None
+    codings = concept.get("coding")
+    for coding in codings if isinstance(codings, list) else []:
+        if not isinstance(coding, dict):
+            continue
+        system, raw = coding.get("system"), coding.get("code")
+        if not isinstance(raw, str) or not raw.strip():
+            continue
+        short = short_system(system if isinstance(system, str) else None)
+        display = coding.get("display")
+        if f"{short}|{raw.strip()}" == code and isinstance(display, str) and display.strip():
+            return display.strip()
+    text = concept.get("text")
+    return text.strip() if isinstance(text, str) and text.strip() else None
+
+
 def _codings(codings: Any) -> Iterable[tuple[str, str]]:
     if not isinstance(codings, list):
         return

@@ -33,6 +33,7 @@ from fhir_adapter.codes import (
     MIMIC_ADMISSION_IDENTIFIERS,
     PROCEDURE_SYSTEMS,
     pick_code,
+    pick_display,
 )
 from fhir_adapter.dates import parse_date, parse_datetime
 from fhir_adapter.record import JsonObject, PatientRecord
@@ -94,6 +95,7 @@ class _Pending:
     code: str
     value: float | None = None
     unit: str | None = None
+    display: str | None = None
 
 
 class _Drop(Exception):
@@ -157,6 +159,8 @@ def build_timeline(record: PatientRecord) -> Timeline:
         elif visit is None:
             facts.dropped[f"{item.rtype}:outside_visit"] += 1
         else:
+            if item.display is not None:
+                facts.displays.setdefault(item.code, item.display)
             events.append(
                 Event(
                     time=visit.clamp(time),
@@ -285,19 +289,18 @@ def _attach(
 
 def _procedure(resource: JsonObject, _: dict[str, JsonObject]) -> Iterator[_Pending]:
     _check_status(resource, "Procedure")
-    code = _code(resource.get("code"), PROCEDURE_SYSTEMS)
+    code, display = _coded(resource.get("code"), PROCEDURE_SYSTEMS)
     time = _first_time(
         resource, ("performedDateTime", "performedPeriod.start", "performedPeriod.end")
     )
-    yield _Pending(
-        "Procedure", time, _encounter_ref(resource, "encounter"), EventKind.PROCEDURE, code
-    )
+    encounter = _encounter_ref(resource, "encounter")
+    yield _Pending("Procedure", time, encounter, EventKind.PROCEDURE, code, display=display)
 
 
 def _medication(resource: JsonObject, medications: dict[str, JsonObject]) -> Iterator[_Pending]:
     rtype = str(resource.get("resourceType"))
     _check_status(resource, rtype)
-    code = _code(_medication_concept(resource, medications), MEDICATION_SYSTEMS)
+    code, display = _coded(_medication_concept(resource, medications), MEDICATION_SYSTEMS)
     if rtype == "MedicationRequest":
         # MIMIC-IV leaves authoredOn out where a prescription has no pharmacy row; the start
         # of the dispense validity is then the earliest time the order is known to exist.
@@ -306,7 +309,7 @@ def _medication(resource: JsonObject, medications: dict[str, JsonObject]) -> Ite
     else:
         time = _first_time(resource, ("effectiveDateTime", "effectivePeriod.start"))
         encounter = _encounter_ref(resource, "context")
-    yield _Pending(rtype, time, encounter, EventKind.MEDICATION, code)
+    yield _Pending(rtype, time, encounter, EventKind.MEDICATION, code, display=display)
 
 
 def _medication_concept(resource: JsonObject, medications: dict[str, JsonObject]) -> Any:
@@ -342,12 +345,13 @@ def _observation(resource: JsonObject, _: dict[str, JsonObject]) -> Iterator[_Pe
             raise _Drop("no_code")
         for part in parts:
             value, unit = _quantity(part)
-            code = _code(part.get("code"), LAB_SYSTEMS)
-            yield _Pending("Observation", time, encounter, EventKind.LAB, code, value, unit)
+            code, display = _coded(part.get("code"), LAB_SYSTEMS)
+            yield _Pending("Observation", time, encounter, EventKind.LAB, code, value, unit,
+                           display)  # fmt: skip
         return
-    code = _code(resource.get("code"), LAB_SYSTEMS)
+    code, display = _coded(resource.get("code"), LAB_SYSTEMS)
     value, unit = _quantity(resource)
-    yield _Pending("Observation", time, encounter, EventKind.LAB, code, value, unit)
+    yield _Pending("Observation", time, encounter, EventKind.LAB, code, value, unit, display)
 
 
 def _observation_used(resource: JsonObject) -> bool:
@@ -392,7 +396,7 @@ def _quantity(holder: JsonObject) -> tuple[float | None, str | None]:
 def _condition(resource: JsonObject, _: dict[str, JsonObject]) -> Iterator[_Pending]:
     if _coding_codes(resource.get("verificationStatus")) & {"entered-in-error", "refuted"}:
         raise _Drop("not_performed")
-    code = _code(resource.get("code"), CONDITION_SYSTEMS)
+    code = _coded(resource.get("code"), CONDITION_SYSTEMS)[0]
     encounter = _encounter_ref(resource, "encounter")
     paths = ("onsetDateTime", "onsetPeriod.start", "recordedDate")
     if encounter is not None and all(_lookup(resource, path) is None for path in paths):
@@ -438,11 +442,12 @@ def _coding_codes(concept: Any) -> set[str]:
     return {c["code"] for c in _dicts(concept.get("coding")) if isinstance(c.get("code"), str)}
 
 
-def _code(concept: Any, preferred: tuple[str, ...]) -> str:
+def _coded(concept: Any, preferred: tuple[str, ...]) -> tuple[str, str | None]:
+    """The concept's code and how the source names it."""
     code = pick_code(concept, preferred)
     if code is None:
         raise _Drop("no_code")
-    return code
+    return code, pick_display(concept, code)
 
 
 def _lookup(resource: JsonObject, path: str) -> Any:

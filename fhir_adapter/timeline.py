@@ -107,13 +107,16 @@ class SourceFacts:
     """Where a timeline came from and what was left out of it.
 
     ``last_updated`` is the newest ``meta.lastUpdated`` seen: the watermark for the next
-    incremental fetch (``_lastUpdated=gt<watermark>``).
+    incremental fetch (``_lastUpdated=gt<watermark>``). ``displays`` holds how the source
+    named each event code (its coding's ``display``), for people reading forecasts and
+    explanations; the model never sees it.
     """
 
     source: str
     last_updated: datetime | None = None
     resource_counts: Counter[str] = field(default_factory=Counter)
     dropped: Counter[str] = field(default_factory=Counter)
+    displays: dict[str, str] = field(default_factory=dict)
 
     def see(self, resource_type: str, last_updated: datetime | None) -> None:
         """Count one resource read and move the watermark forward."""

@@ -26,6 +26,17 @@ INTERVAL_TOKENS = (
 )  # fmt: skip
 TASK_TOKENS = ("[MOR]", "[LOS]", "[REA]", "[C0]", "[C1]", "[C2]")
 _FORMAT = "ehrmamba-vocabulary/1"
+_STRUCTURE_WORDS = {
+    VS: "a visit starts", VE: "the visit ends", REG: "end of the visit's record",
+    "[W0]": "within a week", "[LT]": "a year or more later",
+    **{f"[W{w}]": f"{w} week{'s' if w > 1 else ''} later" for w in range(1, 4)},
+    **{f"[M{m}]": f"{m} month{'s' if m > 1 else ''} later" for m in range(1, 13)},
+}  # fmt: skip
+
+
+def structure_words(token: str) -> str | None:
+    """Words for a visit or time-gap token (a forecast may predict one), None for others."""
+    return _STRUCTURE_WORDS.get(token)
 
 
 class TokenType(IntEnum):

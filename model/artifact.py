@@ -8,6 +8,7 @@ metrics.json             evaluation results
 model_card.md            for people
 source_attributes.json   ONC HTI-1 predictive decision support source attributes
 step.onnx                optional: the recurrent step for onnxruntime
+displays.json            optional: how the training data named each code, for people
 manifest.json            format, version, and the sha256 of every file above
 ```
 
@@ -27,7 +28,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from fhir_adapter.lab_bins import LabBins
-from fhir_adapter.vocabulary import Vocabulary
+from fhir_adapter.vocabulary import Vocabulary, structure_words
 from model.config import ModelConfig
 from model.network import EHRMamba
 from model.tasks import Task
@@ -42,7 +43,7 @@ _REQUIRED = (
     "model_card.md",
     "source_attributes.json",
 )
-_OPTIONAL = ("step.onnx",)
+_OPTIONAL = ("step.onnx", "displays.json")
 
 
 class ArtifactError(Exception):
@@ -110,6 +111,13 @@ class Artifact:
     bins: LabBins
     metrics: dict[str, Any]
     onnx_step: Path | None
+    displays: dict[str, str] = field(default_factory=dict)
+
+    def display(self, token: str) -> str | None:
+        """A person's name for a token: its code's display (``LOINC|2160-0#3`` ->
+        ``Creatinine``), or words for a visit or time-gap token (``[M3]`` -> ``3 months
+        later``); None when neither is known."""
+        return structure_words(token) or self.displays.get(token.split("#", 1)[0])
 
 
 def save_artifact(
@@ -124,6 +132,7 @@ def save_artifact(
     model_card: str,
     source_attributes: dict[str, Any],
     onnx_step: Path | None = None,
+    displays: dict[str, str] | None = None,
 ) -> str:
     """Write the artifact into ``path`` (created; must be empty) and return its sha256."""
     path.mkdir(parents=True, exist_ok=True)
@@ -141,7 +150,26 @@ def save_artifact(
     (path / "source_attributes.json").write_text(json.dumps(source_attributes, indent=1))
     if onnx_step is not None:
         (path / "step.onnx").write_bytes(onnx_step.read_bytes())
-    files = sorted(p.name for p in path.iterdir())
+    if displays:
+        _write_displays(path, displays)
+    return _write_manifest(path, version)
+
+
+def attach_displays(path: Path, displays: dict[str, str]) -> str:
+    """Add (or replace) the display names of a verified artifact and re-sign its manifest;
+    the weights and every other file stay as they are. Returns the new sha256."""
+    artifact = load_artifact(path)
+    known = {token.split("#", 1)[0] for token in artifact.vocab.tokens}
+    _write_displays(path, {code: name for code, name in displays.items() if code in known})
+    return _write_manifest(path, artifact.version)
+
+
+def _write_displays(path: Path, displays: dict[str, str]) -> None:
+    (path / "displays.json").write_text(json.dumps(displays, indent=1, sort_keys=True))
+
+
+def _write_manifest(path: Path, version: str) -> str:
+    files = sorted(p.name for p in path.iterdir() if p.name != "manifest.json")
     manifest = {"format": FORMAT, "version": version,
                 "files": {name: _sha256(path / name) for name in files}}  # fmt: skip
     (path / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -198,6 +226,9 @@ def load_artifact(path: Path) -> Artifact:
         bins=LabBins.load(path / "lab_bins.json"),
         metrics=json.loads((path / "metrics.json").read_text()),
         onnx_step=path / "step.onnx" if "step.onnx" in listed else None,
+        displays=json.loads((path / "displays.json").read_text())
+        if "displays.json" in listed
+        else {},
     )
 
 

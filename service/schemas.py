@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from service.outcomes import FHIR_JSON
+
 
 class Issue(BaseModel):
     severity: Literal["fatal", "error", "warning", "information"]
@@ -35,7 +37,16 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         503: "Not ready (model or store), or the store could not record the answer.",
         504: "The FHIR server did not answer in time.",
     }
-    return {s: {"model": OperationOutcome, "description": meaning[s]} for s in statuses}
+    # Errors go out as application/fhir+json, so the document must say so (FastAPI adds the
+    # model's application/json entry beside it).
+    return {
+        s: {
+            "model": OperationOutcome,
+            "description": meaning[s],
+            "content": {FHIR_JSON: {"schema": {"$ref": "#/components/schemas/OperationOutcome"}}},
+        }
+        for s in statuses
+    }
 
 
 class Model(BaseModel):
@@ -53,12 +64,14 @@ class TaskScore(BaseModel):
 
 class Candidate(BaseModel):
     token: str
+    display: str | None = Field(description="How the training data named the code.")
     probability: float
 
 
 class ForecastEvent(BaseModel):
     token: str = Field(description="SYSTEM|code, with #bin for a lab value bin.")
     code: str
+    display: str | None = Field(description="How the training data named the code.")
     lab_bin: int | None = Field(description="0 (lowest) to 4 (highest) for labs.")
     probability: float
     candidates: list[Candidate]

@@ -27,7 +27,7 @@ import os
 import pickle
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -149,6 +149,8 @@ def build_dataset(config: BuildConfig, progress: Progress | None = None) -> dict
             vocab, bins = _fit(config, jobs, out)
             vocab.save(out / "vocab.json")
             bins.save(out / "lab_bins.json")
+            displays = code_displays(_training_timelines(jobs, out), vocab)
+            (out / "displays.json").write_text(json.dumps(displays, indent=1, sort_keys=True))
             finish("fit")
         _run(
             pool,
@@ -281,6 +283,17 @@ def _fit(config: BuildConfig, jobs: list[_Job], out: Path) -> tuple[Vocabulary, 
             counts[token] += 1
             kinds.setdefault(token, EVENT_TYPES[e.kind])
     return Vocabulary.fit(counts, config.min_count, kinds), bins
+
+
+def code_displays(timelines: Iterable[Timeline], vocab: Vocabulary) -> dict[str, str]:
+    """How the sources name each event code the vocabulary holds (the most frequent
+    display when they disagree), so forecasts and explanations can be read by people."""
+    seen: dict[str, Counter[str]] = {}
+    for timeline in timelines:
+        for code, display in timeline.source.displays.items():
+            seen.setdefault(code, Counter())[display] += 1
+    known = {token.split("#", 1)[0] for token in vocab.tokens}
+    return {code: names.most_common(1)[0][0] for code, names in seen.items() if code in known}
 
 
 # --- stage 3: tokens and samples ----------------------------------------------------------

@@ -231,6 +231,7 @@ def run(config: PipelineConfig, say: Callable[[str], None] = print) -> dict[str,
         model_card=model_card(config.name, config.version, metrics, thresholds),
         source_attributes=source_attributes(config.name, config.version, metrics),
         onnx_step=step,
+        displays=_displays(config.dataset),
     )
     say(f"artifact {config.out} sha256 {digest}")
     if config.report is not None:
@@ -442,3 +443,9 @@ def _metrics_document(
         },
         "trained_tasks": [t.value for t in tasks],
     }
+
+
+def _displays(dataset: Path) -> dict[str, str]:
+    """The dataset's code display names (datasets built before they were kept have none)."""
+    path = dataset / "displays.json"
+    return dict(json.loads(path.read_text())) if path.exists() else {}

@@ -125,9 +125,10 @@ def answer_body(scorer: Scorer, scored: Scored) -> dict[str, Any]:
         },
         "not_scored": {task.value: reason for task, reason in scored.not_scored.items()},
         "forecast": [
-            {"token": step.token, "code": step.code, "lab_bin": step.lab_bin,
-             "probability": step.probability,
-             "candidates": [{"token": t, "probability": p} for t, p in step.candidates]}
+            {"token": step.token, "code": step.code, "display": artifact.display(step.token),
+             "lab_bin": step.lab_bin, "probability": step.probability,
+             "candidates": [{"token": t, "display": artifact.display(t), "probability": p}
+                            for t, p in step.candidates]}
             for step in scored.forecast
         ],
         "data": {

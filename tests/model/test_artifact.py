@@ -16,6 +16,7 @@ from model.artifact import (
     ArtifactError,
     RiskThresholds,
     ServingConfig,
+    attach_displays,
     load_artifact,
     save_artifact,
 )
@@ -106,3 +107,20 @@ def test_saving_into_a_used_folder_is_refused(tmp_path: Path) -> None:
     _save(tmp_path / "a")
     with pytest.raises(ArtifactError, match="not empty"):
         _save(tmp_path / "a")
+
+
+def test_display_names_are_attached_without_touching_the_weights(tmp_path: Path) -> None:
+    _, before = _save(tmp_path)
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    after = attach_displays(tmp_path, {"LOINC|1": "Creatinine", "SNOMED|9": "not in vocab"})
+    assert after != before
+    artifact = load_artifact(tmp_path)  # verifies every hash, displays.json included
+    assert artifact.sha256 == after
+    assert artifact.displays == {"LOINC|1": "Creatinine"}
+    assert artifact.display("LOINC|1#3") == "Creatinine"
+    assert artifact.display("[M3]") == "3 months later"
+    assert artifact.display("RXNORM|2") is None
+    assert (tmp_path / "model.safetensors").read_bytes() == weights
+    (tmp_path / "displays.json").write_text("{}")
+    with pytest.raises(ArtifactError, match=re.escape("displays.json")):
+        load_artifact(tmp_path)

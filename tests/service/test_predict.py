@@ -66,8 +66,12 @@ async def test_chosen_tasks_and_a_forecast(
     assert set(body["predictions"]) == {"mortality", "hypertension"}
     steps = body["forecast"]
     assert len(steps) == 3
+    artifact = load_artifact(MODEL)
     for step in steps:
         assert step["code"] == step["token"].split("#")[0]
+        assert step["display"] == artifact.display(step["token"])
+        assert step["display"], "every forecast token has words for it"
+        assert all(c["display"] == artifact.display(c["token"]) for c in step["candidates"])
         assert len(step["candidates"]) == 5
         assert step["candidates"][0]["probability"] >= step["candidates"][-1]["probability"]
 

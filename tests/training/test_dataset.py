@@ -131,3 +131,19 @@ def test_missing_source_is_a_clear_cli_error(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "not found" in result.output
+
+
+def test_display_names_cover_the_vocabulary_from_training_patients(
+    built: Path, timelines: dict[str, Timeline]
+) -> None:
+    vocab = Vocabulary.load(built / "vocab.json")
+    displays = json.loads((built / "displays.json").read_text())
+    codes = {t.split("#", 1)[0] for t in vocab.tokens if "|" in t}
+    assert set(displays) <= codes
+    assert len(displays) >= 0.9 * len(codes), "the shared sources name nearly every code"
+    seen: dict[str, set[str]] = {}
+    for timeline in timelines.values():
+        if split_of(timeline.patient.id) in TRAINING_SPLITS:
+            for code, display in timeline.source.displays.items():
+                seen.setdefault(code, set()).add(display)
+    assert all(display in seen[code] for code, display in displays.items())
