@@ -142,9 +142,15 @@ class FhirClient:
         while url is not None:
             if len(seen) >= self.config.max_pages:
                 raise FhirUpstreamError("search returned too many pages", url=url)
-            response = await self.request(
-                "GET", url, params=query if first else None, headers=headers
-            )
+            try:
+                response = await self.request(
+                    "GET", url, params=query if first else None, headers=headers
+                )
+            except FhirNotFound as exc:
+                # A search that matches nothing answers an empty Bundle, so a 404 or 410 here
+                # is the server losing the search (an expired page), never a missing patient.
+                message = f"search or search page gone (HTTP {exc.status})"
+                raise FhirUpstreamError(message, url=url) from exc
             seen.add(str(response.url))
             first = False
             bundle = _resource(response)
@@ -258,14 +264,17 @@ class FhirClient:
             auth_headers = await self.config.auth.headers(self._http)
             sent = time.perf_counter()
             try:
-                response = await self._http.request(
-                    method,
-                    target,
-                    params=params,
-                    json=json,
-                    headers={**send_headers, **auth_headers},
-                )
-            except httpx.TimeoutException as exc:
+                # httpx times each read; a server sending a byte at a time never trips that,
+                # so the whole exchange gets the timeout too.
+                async with asyncio.timeout(self.config.timeout):
+                    response = await self._http.request(
+                        method,
+                        target,
+                        params=params,
+                        json=json,
+                        headers={**send_headers, **auth_headers},
+                    )
+            except (httpx.TimeoutException, TimeoutError) as exc:
                 self._observe(method, target, sent, "timeout")
                 if isinstance(exc, httpx.ConnectTimeout) and attempt < self.config.max_retries:
                     attempt += 1
@@ -356,7 +365,7 @@ def _parse_retry_after(value: str | None) -> float | None:
 def _resource(response: httpx.Response) -> JsonObject:
     try:
         body = response.json()
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep to read
         raise FhirUpstreamError(
             "server sent a body that is not JSON",
             url=str(response.url),
@@ -378,7 +387,7 @@ def _error_for(response: httpx.Response) -> FhirError:
         body = response.json()
         if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
             outcome = body
-    except ValueError:
+    except (ValueError, RecursionError):  # no usable OperationOutcome: the status speaks
         pass
     detail = _diagnostics(outcome) or response.reason_phrase
     kwargs: dict[str, Any] = {"url": str(response.url), "status": status, "outcome": outcome}

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 
 from fhir_adapter.client import FhirClient
-from fhir_adapter.errors import FhirError, FhirNotFound, FhirTimeout
+from fhir_adapter.errors import FhirError, FhirNotFound, FhirTimeout, FhirUnavailable
 from fhir_adapter.normalize import build_timeline
 from fhir_adapter.record import PatientRecord
 from model.tasks import Task
@@ -57,10 +57,18 @@ async def fetch_record(state: ServiceState, fhir: FhirClient, patient_id: str) -
     except FhirTimeout as exc:
         raise ServiceError(504, "timeout", "the FHIR server did not answer in time") from exc
     except FhirError as exc:
-        raise ServiceError(
-            502, "exception", f"the FHIR server failed: {exc.status or 'no answer'}"
-        ) from exc
+        raise ServiceError(502, "exception", f"the FHIR server failed: {_failure(exc)}") from exc
     return Fetched(record, mode, time.perf_counter() - started)
+
+
+def _failure(exc: FhirError) -> str:
+    """What went wrong, safe to show: the HTTP status, or the FHIR client's own words for an
+    answer that is not FHIR; never the server's text, which may hold anything."""
+    if isinstance(exc, FhirUnavailable):
+        return "unreachable"
+    if exc.status is not None and exc.status >= 300:
+        return f"HTTP {exc.status}"
+    return exc.message
 
 
 async def score_record(
@@ -75,6 +83,8 @@ async def score_record(
     record = fetched.record
     started = time.perf_counter()
     timeline = build_timeline(record)
+    if timeline.patient.birth_date is None:  # the tokenizer's age stream cannot start
+        raise ServiceError(422, "processing", "cannot score this patient: no usable birthDate")
     now = datetime.now(UTC)
     sequence = await anyio.to_thread.run_sync(scorer.tokenize, timeline, now)
     tokenized = time.perf_counter()
