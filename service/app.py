@@ -8,6 +8,7 @@ the process into a restart loop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -17,6 +18,7 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 
 from model.artifact import ArtifactError, load_artifact
 from service import metrics
@@ -27,6 +29,7 @@ from service.limits import BodySizeLimit
 from service.metrics import MetricsMiddleware
 from service.outcomes import (
     ServiceError,
+    http_error_handler,
     service_error_handler,
     unexpected_error_handler,
     validation_error_handler,
@@ -38,6 +41,8 @@ from service.scoring import Scorer
 from service.settings import Settings
 from service.state import ServiceState
 from service.store import Store, StoreUnavailable
+
+STORE_RETRY_S = 5.0
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -65,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = state
     app.add_exception_handler(ServiceError, service_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(HTTPException, http_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
     app.include_router(health.router)
     app.include_router(metrics_route.router)
@@ -90,11 +96,10 @@ def _state(settings: Settings) -> ServiceState:
 
 async def _start(state: ServiceState) -> None:
     settings = state.settings
-    problems: list[str] = []
     try:
         artifact = await anyio.to_thread.run_sync(load_artifact, settings.model_path)
     except (ArtifactError, OSError) as exc:
-        problems.append(f"model artifact unusable: {exc}")
+        state.problems["model"] = f"model artifact unusable: {exc}"
     else:
         scorer = Scorer(artifact)
         state.scorer = scorer
@@ -107,17 +112,35 @@ async def _start(state: ServiceState) -> None:
         state.batcher.start()
         state.checks["model"] = f"{artifact.config.name} {artifact.version}"
         metrics.MODEL_INFO.labels(artifact.config.name, artifact.version, artifact.sha256).set(1)
-    try:
-        state.store = await anyio.to_thread.run_sync(Store.open, settings.database_url)
-    except StoreUnavailable as exc:
-        problems.append(f"store unavailable: {exc}")
-    else:
-        state.checks["store"] = state.store.dialect
+    if not await _open_store(state):
+        # The database may come up after us (a restarted PostgreSQL, a compose start order
+        # gone wrong): keep trying rather than stay not-ready until someone restarts us.
+        state.store_opener = asyncio.get_running_loop().create_task(_keep_opening_store(state))
     state.checks["cache"] = await state.cache.check()
-    state.not_ready = "; ".join(problems) or None
+    del state.problems["start"]
+
+
+async def _open_store(state: ServiceState) -> bool:
+    try:
+        state.store = await anyio.to_thread.run_sync(Store.open, state.settings.database_url)
+    except StoreUnavailable as exc:
+        state.problems["store"] = f"store unavailable: {exc}"
+        return False
+    state.problems.pop("store", None)
+    state.checks["store"] = state.store.dialect
+    return True
+
+
+async def _keep_opening_store(state: ServiceState) -> None:
+    while True:
+        await asyncio.sleep(STORE_RETRY_S)
+        if await _open_store(state):
+            return
 
 
 async def _stop(state: ServiceState) -> None:
+    if state.store_opener is not None:
+        state.store_opener.cancel()
     if state.batcher is not None:
         await state.batcher.stop()
     await state.cache.aclose()

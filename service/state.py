@@ -3,6 +3,7 @@ verifier), and the FastAPI dependencies that hand it to routes."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 from dataclasses import dataclass, field
@@ -32,8 +33,14 @@ class ServiceState:
     scorer: Scorer | None = None
     batcher: MicroBatcher[Prepared, Scored] | None = None
     store: Store | None = None
-    not_ready: str | None = "starting"  # why the service cannot answer yet
+    store_opener: asyncio.Task[None] | None = None  # retries a store that was down at start
+    problems: dict[str, str] = field(default_factory=lambda: {"start": "starting"})
     checks: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def not_ready(self) -> str | None:
+        """Why the service cannot answer yet (None: it can)."""
+        return "; ".join(self.problems.values()) or None
 
     def fhir_config(
         self, base_url: str | None = None, auth: Auth | None = None

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -98,3 +99,27 @@ async def test_a_full_disk_under_sqlite_refuses_answers_then_records_again(
             filler.unlink()
             again = predicted(await api.post(f"/patients/{patient}/predict"))
             assert await _recorded(api, patient) == [again["id"], first["id"]]
+
+
+async def test_a_store_down_at_start_is_retried_until_it_answers(
+    make_api: ApiFactory,
+    loaded_fhir: LoadedServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("service.app.STORE_RETRY_S", 0.1)
+    blocker = tmp_path / "not-yet-a-folder"
+    blocker.write_text("")  # the database's folder cannot be made while this file is there
+    url = f"sqlite:///{blocker / 'store.db'}"
+    async with make_api(fhir_base_url=loaded_fhir.base_url, database_url=url) as api:
+        down = await api.get("/health/ready")
+        assert down.status_code == 503
+        assert "store unavailable" in down.json()["reason"]
+        patient = small_patient(loaded_fhir)
+        assert "not ready" in outcome(await api.post(f"/patients/{patient}/predict"), 503)
+        blocker.unlink()  # the volume is mounted now
+        deadline = time.monotonic() + 10
+        while (await api.get("/health/ready")).status_code != 200:
+            assert time.monotonic() < deadline, "the store was never opened"
+            await anyio.sleep(0.1)
+        assert predicted(await api.post(f"/patients/{patient}/predict"))["id"] >= 1
