@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 FHIR_JSON = "application/fhir+json"
 log = logging.getLogger(__name__)
@@ -54,6 +55,21 @@ async def validation_error_handler(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(
         operation_outcome("invalid", problems or "invalid request"),
         status_code=422,
+        media_type=FHIR_JSON,
+    )
+
+
+async def http_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    """The framework's own refusals as OperationOutcome too: no such route (404), method
+    not allowed (405), and a body FastAPI cannot decode (not UTF-8, nested too deep), which
+    it answers 400; that is answered 422 like every other body that is not valid JSON."""
+    assert isinstance(exc, HTTPException)
+    status = 422 if exc.status_code == 400 else exc.status_code
+    code = {404: "not-found", 405: "not-supported", 422: "invalid"}.get(status, "processing")
+    return JSONResponse(
+        operation_outcome(code, str(exc.detail)),
+        status_code=status,
+        headers=exc.headers,
         media_type=FHIR_JSON,
     )
 
