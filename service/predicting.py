@@ -52,23 +52,26 @@ async def fetch_record(state: ServiceState, fhir: FhirClient, patient_id: str) -
             record, mode = merge_records(cached.record, delta), "incremental"
         else:
             record, mode = await fhir.fetch_patient(patient_id), "cold"
-    except FhirNotFound as exc:
-        raise ServiceError(404, "not-found", "patient not found on the FHIR server") from exc
-    except FhirTimeout as exc:
-        raise ServiceError(504, "timeout", "the FHIR server did not answer in time") from exc
     except FhirError as exc:
-        raise ServiceError(502, "exception", f"the FHIR server failed: {_failure(exc)}") from exc
+        raise fhir_failure(exc) from exc
     return Fetched(record, mode, time.perf_counter() - started)
 
 
-def _failure(exc: FhirError) -> str:
-    """What went wrong, safe to show: the HTTP status, or the FHIR client's own words for an
-    answer that is not FHIR; never the server's text, which may hold anything."""
+def fhir_failure(exc: FhirError) -> ServiceError:
+    """The answer for a failed FHIR read: 404 unknown patient, 504 timeout, else 502 with
+    what went wrong, safe to show (the HTTP status, or the FHIR client's own words for an
+    answer that is not FHIR; never the server's text, which may hold anything)."""
+    if isinstance(exc, FhirNotFound):
+        return ServiceError(404, "not-found", "patient not found on the FHIR server")
+    if isinstance(exc, FhirTimeout):
+        return ServiceError(504, "timeout", "the FHIR server did not answer in time")
     if isinstance(exc, FhirUnavailable):
-        return "unreachable"
-    if exc.status is not None and exc.status >= 300:
-        return f"HTTP {exc.status}"
-    return exc.message
+        reason = "unreachable"
+    elif exc.status is not None and exc.status >= 300:
+        reason = f"HTTP {exc.status}"
+    else:
+        reason = exc.message
+    return ServiceError(502, "exception", f"the FHIR server failed: {reason}")
 
 
 async def score_record(

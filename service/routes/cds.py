@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Path, Request
 
 from fhir_adapter.client import FhirClient
-from fhir_adapter.errors import FhirError, FhirNotFound, FhirTimeout
+from fhir_adapter.errors import FhirError
 from service import metrics
 from service.audit import AuditContext, audited
 from service.cds.cards import cards_for
@@ -25,7 +25,13 @@ from service.cds.models import CardsResponse, Discovery, FeedbackRequest, HookRe
 from service.cds.prefetch import CdsDataError, fhir_access, gather_record
 from service.cds.services import SERVICES, CdsService, discovery
 from service.outcomes import ServiceError
-from service.predicting import Fetched, observe_scores, record_prediction, score_record
+from service.predicting import (
+    Fetched,
+    fhir_failure,
+    observe_scores,
+    record_prediction,
+    score_record,
+)
 from service.routes.predict import answer_body
 from service.schemas import FeedbackStored, errors
 from service.scoring import Scorer
@@ -172,12 +178,8 @@ async def _cards(
         )
     except CdsDataError as exc:
         raise ServiceError(exc.status, exc.code, str(exc)) from exc
-    except FhirNotFound as exc:
-        raise ServiceError(404, "not-found", "patient not found on the FHIR server") from exc
-    except FhirTimeout as exc:
-        raise ServiceError(504, "timeout", "the FHIR server did not answer in time") from exc
     except FhirError as exc:
-        raise ServiceError(502, "exception", "the FHIR server failed") from exc
+        raise fhir_failure(exc) from exc
     if access is not None:
         record.source = access[0]  # the operator's spelling of the server: stable cache keys
     fetched = Fetched(record, "prefetch", time.perf_counter() - started)
