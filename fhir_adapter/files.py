@@ -63,7 +63,8 @@ class ReadStats:
     """What a file source held beyond the records themselves.
 
     ``dropped`` counts resources no record can own (``source:malformed_json``,
-    ``Observation:no_subject``, ``Observation:no_patient`` when the Patient is missing);
+    ``Observation:no_subject``, ``Observation:no_patient`` when the Patient is missing,
+    ``Medication:no_id``);
     ``skipped_types`` counts well-formed resources of types the adapter does not read.
     """
 
@@ -125,6 +126,8 @@ class ExportReader:
             if rtype == "Medication":
                 if isinstance(resource.get("id"), str):
                     medications[f"Medication/{resource['id']}"] = resource
+                else:  # nothing can reference it
+                    self.stats.dropped["Medication:no_id"] += 1
                 continue
             pid = patient_id_of(resource)
             if pid is None:
@@ -132,7 +135,12 @@ class ExportReader:
                 continue
             if self.partition is not None and pid not in self.partition:
                 continue
-            batch.append((pid, rtype, orjson.dumps(resource)))
+            try:
+                body = orjson.dumps(resource)
+            except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper)
+                self.stats.dropped["source:malformed_json"] += 1
+                continue
+            batch.append((pid, rtype, body))
             if len(batch) >= _BATCH:
                 db.executemany("INSERT INTO res VALUES (?, ?, ?)", batch)
                 batch.clear()
@@ -211,6 +219,11 @@ class ExportReader:
                 raw = archive.extractfile(member)
                 if raw is not None:
                     yield from self._file(Path(member.name).name, raw)
+            # tarfile ends as quietly at a cut inside a header as at the archive's end; only
+            # the end has a second zero block after the one that stopped the loop.
+            assert archive.fileobj is not None
+            if len(archive.fileobj.read(tarfile.BLOCKSIZE)) < tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("archive cut short")
 
     def _guarded(self, name: str, items: Iterator[JsonObject]) -> Iterator[JsonObject]:
         """Yield from ``items``; a corrupt or truncated archive is counted, not raised.
@@ -320,7 +333,7 @@ def _manifest_files(manifest: Path) -> list[str] | None:
     """
     try:
         doc = json.loads(manifest.read_bytes())
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to read
         return None
     if not isinstance(doc, dict):
         return None

@@ -12,6 +12,11 @@ from typing import Any
 
 JsonObject = dict[str, Any]
 
+# FHIR's id datatype ([A-Za-z0-9-.]{1,64}), less the ids made only of dots: "." and ".."
+# are valid ids on paper but path segments in a URL (``Patient/..`` is the server's base).
+FHIR_ID_PATTERN = r"^[A-Za-z0-9\-.]*[A-Za-z0-9\-][A-Za-z0-9\-.]*$"
+FHIR_ID_MAX = 64
+
 
 def parse_reference(reference: object) -> tuple[str | None, str] | None:
     """``(type, id)`` for a literal reference; type is None for an unresolved ``urn:uuid``.

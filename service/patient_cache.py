@@ -90,12 +90,15 @@ class PatientCache:
         return entry
 
     async def save_record(self, entry: CachedRecord) -> None:
+        """Cache the record; one nested deeper than orjson writes (it reads deeper than it
+        writes) is left uncached rather than failing an answer already computed."""
         record = entry.record
-        await self.cache.set(
-            self._key("record", record.source, record.patient_id),
-            _encode_record(entry),
-            self.ttl,
-        )
+        try:
+            encoded = _encode_record(entry)
+        except orjson.JSONEncodeError:
+            return
+        key = self._key("record", record.source, record.patient_id)
+        await self.cache.set(key, encoded, self.ttl)
 
     async def load_scan(
         self, fhir_base: str, patient_id: str, model_sha256: str

@@ -26,8 +26,12 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from fhir_adapter.references import FHIR_ID_MAX, FHIR_ID_PATTERN
+
 Hook = Literal["patient-view", "encounter-start", "encounter-discharge"]
-FhirId = Annotated[str, Field(pattern=r"^[A-Za-z0-9\-.]{1,64}$", description="A FHIR id.")]
+FhirId = Annotated[
+    str, Field(pattern=FHIR_ID_PATTERN, max_length=FHIR_ID_MAX, description="A FHIR id.")
+]
 _ENCOUNTER_HOOKS = ("encounter-start", "encounter-discharge")
 
 

@@ -140,7 +140,7 @@ async def gather_record(
             patient = gathered.take_patient(value, gathered.prefetched)
         else:
             bundle = _bundle(query, value)
-            gathered.take(query, bundle_resources(bundle), gathered.prefetched)
+            gathered.take(query, _bundle_resources(query, bundle), gathered.prefetched)
             if _next_link(bundle, "") is not None:
                 to_fetch.append((query, bundle))
     if to_fetch:
@@ -292,6 +292,15 @@ def _bundle(query: PrefetchQuery, value: JsonObject) -> JsonObject:
     if value.get("resourceType") != "Bundle":
         raise PrefetchInvalid(f"prefetch {query.key!r} is not a searchset Bundle")
     return value
+
+
+def _bundle_resources(query: PrefetchQuery, bundle: JsonObject) -> list[JsonObject]:
+    """The Bundle's resources; one nested too deep for reference rewriting (it recurses as
+    deep as the JSON goes) is the client's error, not a crash."""
+    try:
+        return bundle_resources(bundle)
+    except RecursionError:
+        raise PrefetchInvalid(f"prefetch {query.key!r} is nested too deeply") from None
 
 
 def _next_link(bundle: JsonObject, against: str) -> str | None:

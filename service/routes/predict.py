@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Query
 
 from fhir_adapter.client import FhirClient
+from fhir_adapter.references import FHIR_ID_MAX, FHIR_ID_PATTERN
 from model.tasks import Task
 from service.audit import audited
 from service.outcomes import ServiceError
@@ -23,7 +24,7 @@ from service.state import ServiceState, get_state, ready_scorer, ready_store, re
 from service.store import Store, StoreUnavailable
 
 router = APIRouter(prefix="/patients", tags=["predictions"])
-_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # FHIR's id datatype
+_FHIR_ID = re.compile(FHIR_ID_PATTERN)
 PatientId = Annotated[str, Path(description="The FHIR Patient id.", max_length=64)]
 
 
@@ -91,7 +92,7 @@ async def predictions(
 
 
 def _check_id(patient_id: str) -> None:
-    if not _FHIR_ID.match(patient_id):
+    if len(patient_id) > FHIR_ID_MAX or not _FHIR_ID.match(patient_id):
         raise ServiceError(422, "invalid", "the patient id is not a FHIR id")
 
 
