@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
+import numba
+import torch
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
@@ -96,6 +98,8 @@ def _state(settings: Settings) -> ServiceState:
 
 async def _start(state: ServiceState) -> None:
     settings = state.settings
+    state.threads_before = (torch.get_num_threads(), numba.get_num_threads())
+    _set_threads(settings.engine_threads, settings.engine_threads)
     try:
         artifact = await anyio.to_thread.run_sync(load_artifact, settings.model_path)
     except (ArtifactError, OSError) as exc:
@@ -138,7 +142,15 @@ async def _keep_opening_store(state: ServiceState) -> None:
             return
 
 
+def _set_threads(torch_threads: int, numba_threads: int) -> None:
+    torch.set_num_threads(torch_threads)
+    most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # untyped module
+    numba.set_num_threads(min(numba_threads, most))
+
+
 async def _stop(state: ServiceState) -> None:
+    if state.threads_before is not None:  # the process may live on (tests, embedding)
+        _set_threads(*state.threads_before)
     if state.store_opener is not None:
         state.store_opener.cancel()
     if state.batcher is not None:

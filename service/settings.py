@@ -96,6 +96,13 @@ class Settings(BaseSettings):
     )
 
     # --- inference batching ------------------------------------------------------------------
+    engine_threads: int = Field(
+        default=1,
+        ge=1,
+        description="CPU threads per worker process for the model (torch and numba). One "
+        "per worker scales out with --workers and does not stall when other processes hold "
+        "the cores; more helps only long cold scans on an otherwise idle machine.",
+    )
     batch_max_size: int = Field(default=16, ge=1, description="Patients per engine call.")
     batch_max_wait: float = Field(
         default=0.005, ge=0, description="How long a request waits for others to join it."

@@ -34,6 +34,7 @@ class ServiceState:
     batcher: MicroBatcher[Prepared, Scored] | None = None
     store: Store | None = None
     store_opener: asyncio.Task[None] | None = None  # retries a store that was down at start
+    threads_before: tuple[int, int] | None = None  # torch and numba threads to restore at stop
     problems: dict[str, str] = field(default_factory=lambda: {"start": "starting"})
     checks: dict[str, str] = field(default_factory=dict)
 
