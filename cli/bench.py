@@ -64,3 +64,14 @@ def service(
             print(service_latency.as_json(measurement))
     else:
         print(service_latency.table(measurements))
+
+
+@app.command("cache-memory")
+def cache_memory(
+    patients: Annotated[int, typer.Option(min=1, help="Shared patients to cache.")] = 60,
+    data: Annotated[Path, typer.Option(help="The shared data folder.")] = Path("../shared/data"),
+) -> None:
+    """Bytes the cache holds per patient: the record entry and the scan state entry."""
+    from bench import cache_memory as bench
+
+    print(bench.table(bench.run(data, patients)))
