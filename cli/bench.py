@@ -66,6 +66,51 @@ def service(
         print(service_latency.table(measurements))
 
 
+@app.command()
+def faithfulness(
+    dataset: Annotated[
+        Path,
+        typer.Argument(help="A built dataset (`ehrmamba data build`), the model's vocabulary."),
+    ],
+    model: Annotated[Path, typer.Option(help="The model artifact.")] = Path("models/compact"),
+    samples: Annotated[int, typer.Option(min=1, help="Test samples per task, at most.")] = 40,
+    draws: Annotated[int, typer.Option(min=1, help="Random deletions per sample and k.")] = 5,
+    steps: Annotated[int | None, typer.Option(min=1, help="Integration steps.")] = None,
+    sweep: Annotated[
+        bool, typer.Option(help="Instead: completeness gap and time against steps.")
+    ] = False,
+    length: Annotated[int, typer.Option(min=3, help="--sweep: window of the record.")] = 2048,
+    task: Annotated[
+        list[str] | None, typer.Option(help="--sweep: tasks (default: hypertension, mortality).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Integrated-gradients explanations: deleting the top-k attributed events against
+    deleting k random ones, on the test split; or, with --sweep, steps against accuracy."""
+    from bench import faithfulness as bench
+    from model.explain import DEFAULT_STEPS
+    from model.tasks import Task
+
+    if sweep:
+        tasks = [Task(t) for t in task or ("hypertension", "mortality")]
+        rows = []
+        for row in bench.steps_sweep(dataset, model, length=length, tasks=tasks):
+            rows.append(row)
+            if as_json:
+                print(bench.as_json(row), flush=True)
+        if not as_json:
+            print(bench.steps_table(rows))
+        return
+    run = bench.deletion(dataset, model, samples=samples, draws=draws,
+                         steps=steps or DEFAULT_STEPS)  # fmt: skip
+    if as_json:
+        for deleted in run.rows:
+            print(bench.as_json(deleted))
+        print(bench.summary_json(run))
+    else:
+        print(bench.deletion_table(run))
+
+
 @app.command("cache-memory")
 def cache_memory(
     patients: Annotated[int, typer.Option(min=1, help="Shared patients to cache.")] = 60,
