@@ -69,7 +69,7 @@ QUEUE_REJECTIONS = Counter(
 
 CACHE_REQUESTS = Counter(
     "ehrmamba_cache_requests_total",
-    "Cache lookups by entry kind (timeline, state) and result (hit, miss, extended).",
+    "Cache lookups by entry kind (timeline, state, explanation) and result (hit, miss, extended).",
     ["kind", "result"],
 )
 # livemax, not max: a worker that died while Redis was down must not flag the service

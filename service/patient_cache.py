@@ -1,6 +1,7 @@
 """What the service remembers about a patient between calls, in the shared cache.
 
-Two entries per patient and FHIR server, under HMAC keys (``cache.patient_key``):
+Two entries per patient and FHIR server, under HMAC keys (``cache.patient_key``), and
+whatever other modules keep beside them (``load_entry``: explanations):
 
 - **record**: the raw resources last read, with the watermark (newest ``meta.lastUpdated``)
   that the next call asks the server to go beyond (``_lastUpdated=gt...``). Raw resources,
@@ -111,6 +112,13 @@ class PatientCache:
     ) -> None:
         key = self._key(f"scan:{model_sha256}", fhir_base, patient_id)
         await self.cache.set(key, _encode_scan(stored), self.ttl)
+
+    async def load_entry(self, kind: str, fhir_base: str, patient_id: str) -> bytes | None:
+        """Another module's entry for this patient (it encodes and checks it itself)."""
+        return await self.cache.get(self._key(kind, fhir_base, patient_id))
+
+    async def save_entry(self, kind: str, fhir_base: str, patient_id: str, raw: bytes) -> None:
+        await self.cache.set(self._key(kind, fhir_base, patient_id), raw, self.ttl)
 
 
 def merge_records(old: PatientRecord, new: PatientRecord) -> PatientRecord:

@@ -93,6 +93,36 @@ class CacheUse(BaseModel):
     scanned_tokens: int = Field(description="Tokens this call scanned (0: fully cached).")
 
 
+class ExplainedEvent(BaseModel):
+    token: str = Field(description="SYSTEM|code, with #bin for a lab value bin.")
+    code: str
+    display: str | None = Field(description="How the training data named the code.")
+    kind: Literal["lab", "medication", "procedure", "event"]
+    time: str = Field(description="When it happened (ISO 8601).")
+    visit: int = Field(description="Visit order within the model's window, 1 = first.")
+    attribution: float = Field(
+        description="Its share of probability - baseline_probability (integrated gradients)."
+    )
+    words: str = Field(
+        description='For a reader: "Creatinine high, 3 days ago (2024-03-02)". Lab levels are '
+        "quintiles of the training population's values, not reference ranges."
+    )
+
+
+class TaskExplanation(BaseModel):
+    probability: float = Field(description="The probability explained (the task's score).")
+    baseline_probability: float = Field(
+        description="The model's probability for a record with no events (every position "
+        "padding): attributions share out the difference."
+    )
+    completeness_gap: float = Field(
+        description="Sum of all attributions minus the difference: the integration error."
+    )
+    steps: int = Field(description="Integration steps used.")
+    contributing: list[ExplainedEvent] = Field(description="Events that raised it most.")
+    protective: list[ExplainedEvent] = Field(description="Events that lowered it most.")
+
+
 class Prediction(BaseModel):
     id: int = Field(description="The stored prediction's id.")
     model: Model
@@ -101,7 +131,12 @@ class Prediction(BaseModel):
     forecast: list[ForecastEvent]
     data: DataFacts
     cache: CacheUse
-    timings: dict[str, float] = Field(description="Seconds: fetch, tokenize, queue, score.")
+    timings: dict[str, float] = Field(
+        description="Seconds: fetch, tokenize, queue, score (and explain, when asked)."
+    )
+    explanations: dict[str, TaskExplanation] | None = Field(
+        default=None, description="With explain=true: per scored task, the events behind it."
+    )
 
 
 class StoredPrediction(BaseModel):

@@ -13,6 +13,7 @@ from fhir_adapter.timeline import Timeline, VisitClass
 from fhir_adapter.tokenizer import TokenSequence, tokenize
 from model.artifact import Artifact
 from model.engine import CachedScan, Engine, ForecastStep, PatientInput
+from model.explain import Explainer
 from model.tasks import Task
 
 LOS_WINDOW = timedelta(hours=24)
@@ -45,6 +46,10 @@ class Prepared:
 
 @dataclass(frozen=True)
 class Scored:
+    """An engine answer for one request; ``input`` is exactly what was scored (the
+    explanations of ``service.explaining`` explain that input)."""
+
+    input: PatientInput
     probabilities: dict[Task, float]
     not_scored: dict[Task, str]
     forecast: tuple[ForecastStep, ...]
@@ -65,6 +70,7 @@ class Scorer:
     def __init__(self, artifact: Artifact) -> None:
         self.artifact = artifact
         self.engine = Engine(artifact.model, artifact.vocab)
+        self.explainer = Explainer(artifact.model, artifact.vocab, artifact.config.max_length)
 
     @property
     def tasks(self) -> tuple[Task, ...]:
@@ -129,6 +135,7 @@ class Scorer:
         seconds = time.perf_counter() - started
         return [
             Scored(
+                input=p.input,
                 probabilities={t: r.probabilities[t] for t in p.tasks if t in r.probabilities},
                 not_scored=p.not_scored,
                 forecast=r.forecast[: p.forecast],

@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import AliasChoices, BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.explain import DEFAULT_STEPS
+
 
 class CdsIssuer(BaseModel):
     """A CDS client (an EHR) trusted to call the CDS services.
@@ -46,6 +48,16 @@ class Settings(BaseSettings):
         default=3, ge=0, description="Retries of a FHIR read on 429, 502-504 or no connection."
     )
     max_forecast: int = Field(default=20, ge=0, description="Largest forecast=k accepted.")
+    explain_steps: int = Field(
+        default=DEFAULT_STEPS,
+        ge=1,
+        le=256,
+        description="Integration steps of an explanation (docs/benchmarks.md, "
+        '"Explanations": fewer is faster and less exact).',
+    )
+    explain_top: int = Field(
+        default=5, ge=1, le=50, description="Events listed per task and direction by explain=true."
+    )
     public_url: str | None = Field(
         default=None,
         description="This service's external base URL (behind a proxy): CDS JWTs' aud is "

@@ -9,6 +9,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Header, Request
 
 from fhir_adapter.auth import Auth, BearerToken, NoAuth
@@ -37,6 +38,7 @@ class ServiceState:
     threads_before: tuple[int, int] | None = None  # torch and numba threads to restore at stop
     problems: dict[str, str] = field(default_factory=lambda: {"start": "starting"})
     checks: dict[str, str] = field(default_factory=dict)
+    explaining: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
 
     @property
     def not_ready(self) -> str | None:

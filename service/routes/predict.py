@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import time
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query
@@ -11,6 +13,7 @@ from fhir_adapter.client import FhirClient
 from fhir_adapter.references import FHIR_ID_MAX, FHIR_ID_PATTERN
 from model.tasks import Task
 from service.audit import audited
+from service.explaining import explain_cached, explanation_json
 from service.outcomes import ServiceError
 from service.predicting import (
     fetch_record,
@@ -43,10 +46,18 @@ async def predict(
         str | None, Query(description="Comma-separated task names; default: every served task.")
     ] = None,
     forecast: Annotated[int, Query(ge=0, description="Next events to forecast.")] = 0,
+    explain: Annotated[
+        bool,
+        Query(
+            description="Also the events that raised and lowered each score (integrated "
+            "gradients; seconds per task, not milliseconds)."
+        ),
+    ] = False,
 ) -> dict[str, Any]:
     """Probabilities and risk levels for the requested tasks, a forecast of the next events,
     the model's identity, facts about the data used, what the cache contributed, timings,
-    and the id under which the prediction was recorded."""
+    and the id under which the prediction was recorded; with ``explain=true``, the events
+    behind each score."""
     async with audited(state, actor, "predict", patient_id, scorer) as audit:
         _check_id(patient_id)
         if forecast > state.settings.max_forecast:
@@ -57,6 +68,16 @@ async def predict(
             fetched = await fetch_record(state, fhir, patient_id)
         scored, extra = await score_record(state, scorer, fetched, wanted, forecast)
         answer = {**answer_body(scorer, scored), **extra}
+        if explain:
+            started = time.perf_counter()
+            explained = await explain_cached(
+                state, scorer, scored, fetched.record, wanted, datetime.now(UTC)
+            )
+            top = state.settings.explain_top
+            answer["explanations"] = {
+                task.value: explanation_json(e, top) for task, e in explained.items()
+            }
+            answer["timings"]["explain_s"] = time.perf_counter() - started
         answer["id"] = await record_prediction(state, scorer, fetched.record, "api", wanted, answer)
         observe_scores(scorer, scored)
         return answer

@@ -20,6 +20,7 @@ from model.tasks import Task
 from service.scoring import Scorer
 from tests.conftest import LoadedServer
 from tests.service.conftest import MODEL, ApiFactory
+from tests.support.fhir_writes import delete_resources, new_visit, put_resources
 
 REDIS = "redis://127.0.0.1:6379/0"
 
@@ -35,43 +36,10 @@ async def _predict(api: httpx.AsyncClient, patient: str, **params: str | int) ->
     return body
 
 
-def _new_visit(patient: str, tag: str, start: datetime) -> list[dict[str, Any]]:
-    """An outpatient visit with one creatinine result: data that extends a record."""
-    encounter = {
-        "resourceType": "Encounter", "id": f"enc-{tag}", "status": "finished",
-        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
-                  "code": "AMB"},
-        "subject": {"reference": f"Patient/{patient}"},
-        "period": {"start": start.isoformat(),
-                   "end": (start + timedelta(hours=1)).isoformat()},
-    }  # fmt: skip
-    lab = {
-        "resourceType": "Observation", "id": f"obs-{tag}", "status": "final",
-        "category": [{"coding": [{"code": "laboratory"}]}],
-        "code": {"coding": [{"system": "http://loinc.org", "code": "2160-0"}]},
-        "subject": {"reference": f"Patient/{patient}"},
-        "encounter": {"reference": f"Encounter/enc-{tag}"},
-        "effectiveDateTime": (start + timedelta(minutes=20)).isoformat(),
-        "valueQuantity": {"value": 2.9, "unit": "mg/dL", "code": "mg/dL"},
-    }  # fmt: skip
-    return [encounter, lab]
-
-
 @pytest.fixture
 async def fhir(loaded_fhir: LoadedServer) -> AsyncIterator[FhirClient]:
     async with loaded_fhir.client() as client:
         yield client
-
-
-async def _put(fhir: FhirClient, resources: list[dict[str, Any]]) -> None:
-    for resource in resources:
-        await fhir.request("PUT", f"{resource['resourceType']}/{resource['id']}", json=resource)
-
-
-async def _delete(fhir: FhirClient, resources: list[dict[str, Any]]) -> None:
-    for resource in reversed(resources):
-        path = f"{resource['resourceType']}/{resource['id']}"
-        await fhir.request("DELETE", path, expect=frozenset({200, 204}))
 
 
 async def test_repeat_and_incremental_calls_equal_a_cold_recompute(
@@ -79,8 +47,8 @@ async def test_repeat_and_incremental_calls_equal_a_cold_recompute(
 ) -> None:
     patient = loaded_fhir.records[-1].patient_id
     tag = secrets.token_hex(3)
-    added = _new_visit(patient, f"extends-{tag}", datetime.now(UTC) - timedelta(hours=3))
-    backdated = _new_visit(patient, f"backdated-{tag}", datetime(1990, 1, 1, tzinfo=UTC))
+    added = new_visit(patient, f"extends-{tag}", datetime.now(UTC) - timedelta(hours=3))
+    backdated = new_visit(patient, f"backdated-{tag}", datetime(1990, 1, 1, tzinfo=UTC))
     settings = {"fhir_base_url": loaded_fhir.base_url, "database_url": database_url}
     try:
         async with make_api(**settings) as api:
@@ -93,7 +61,7 @@ async def test_repeat_and_incremental_calls_equal_a_cold_recompute(
             assert _probabilities(again) == _probabilities(first)
             assert again["forecast"] == first["forecast"]
 
-            await _put(fhir, added)
+            await put_resources(fhir, added)
             grown = await _predict(api, patient, forecast=2)
             assert grown["cache"]["record"] == "incremental"
             assert grown["cache"]["state"] == "extended"
@@ -103,7 +71,7 @@ async def test_repeat_and_incremental_calls_equal_a_cold_recompute(
                 first["data"]["resources"]["Observation"] + 1
             )
 
-            await _put(fhir, backdated)
+            await put_resources(fhir, backdated)
             rewritten = await _predict(api, patient, forecast=2)
             assert rewritten["cache"]["state"] == "miss", "backdated data cannot extend a scan"
             assert rewritten["cache"]["scanned_tokens"] == rewritten["data"]["tokens"]
@@ -129,7 +97,7 @@ async def test_repeat_and_incremental_calls_equal_a_cold_recompute(
         for task, p in _probabilities(rewritten).items():
             assert p == pytest.approx(direct.probabilities[Task(task)], abs=1e-5)
     finally:
-        await _delete(fhir, [*added, *backdated])
+        await delete_resources(fhir, [*added, *backdated])
 
 
 async def test_redis_is_shared_across_replicas_and_its_loss_is_survived(
