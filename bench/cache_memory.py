@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.service_latency import DEFAULT_DATA, load_records
+from bench.stack import DEFAULT_DATA, load_records
 from fhir_adapter.normalize import build_timeline
 from model.artifact import load_artifact
 from service.patient_cache import CachedRecord, PatientCache, StoredScan, sequence_digest

@@ -30,38 +30,26 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from pathlib import Path
 
 import httpx
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.procfs import CpuShare
+from bench.stack import ISSUER, load_records, say, served
 from fhir_adapter.client import FhirClient, FhirClientConfig
-from fhir_adapter.files import ExportReader
-from fhir_adapter.local_server import free_port, install_fhir_server, start_fhir_server
-from fhir_adapter.record import JsonObject, PatientRecord
-from fhir_adapter.upload import upload_record
+from fhir_adapter.record import JsonObject
 from service.cds.client_token import ClientKey, sign_client_token
 from service.cds.services import PREFETCH
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data"
-SYNTHEA = "synthea-r4/bundles.tar.gz"
-CLINOSIM = "clinosim-us/ndjson.tar.gz"
-ISSUER = "https://ehr.bench.example"
 CDS_PATH = "/cds-services/ehrmamba-patient-view"
 CONCURRENCY = 8
 STAGES = ("fetch", "tokenize", "queue", "score", "rest")
-_READY_TIMEOUT_S = 180.0
 
 
 @dataclass
@@ -112,115 +100,25 @@ class _Calls:
 
 
 def run(data: Path, patients: int, rounds: int) -> list[Measurement]:
-    """Start both servers, load ``patients`` (+1 to warm up) shared patients, measure every
+    """Start the stack, load ``patients`` (+1 to warm up) shared patients, measure every
     case (``rounds`` passes over the patients for the warm ones) and stop what was started."""
     records = load_records(data, patients + 1)
-    with tempfile.TemporaryDirectory(prefix="ehrmamba-bench-") as tmp, ExitStack() as stack:
-        work = Path(tmp)
-        fhir = start_fhir_server(install_fhir_server(), work / "fhir")
-        stack.callback(fhir.stop)
-        key = ClientKey.generate("ES384")
-        service = _Service.start(work / "service", fhir.base_url, key)  # loads while we upload
-        stack.callback(service.stop)
-        prefetches = asyncio.run(_load(fhir.base_url, records))
-        service.wait_ready()
-        ours = (fhir.process.pid, service.process.pid, os.getpid())
-        busy, started = _cpu_seconds(ours), time.perf_counter()
-        done = asyncio.run(_measure(service.url, key, prefetches, rounds))
-        used = [after - before for before, after in zip(busy, _cpu_seconds(ours), strict=True)]
-        cores = (os.cpu_count() or 1) * (time.perf_counter() - started)
-        _say(f"CPU while measuring: ours {sum(used[1:]) / cores:.0%} of {os.cpu_count()} "
-             f"cores, other processes' {used[0] / cores:.0%}")  # fmt: skip
+    key = ClientKey.generate("ES384")
+    with served(records, cds_key=key) as stack:
+        prefetches = asyncio.run(_prefetches(stack.fhir.base_url, stack.patient_ids))
+        cpu = CpuShare()
+        done = asyncio.run(_measure(stack.url, key, prefetches, rounds))
+        ours, others = cpu.shares()
+        say(f"CPU while measuring: ours {ours:.0%} of {os.cpu_count()} cores, "
+            f"other processes' {others:.0%}")  # fmt: skip
         return done
 
 
-def load_records(data: Path, count: int) -> list[PatientRecord]:
-    """The first patients (by id, which is random in both sets) of the Synthea bundles and
-    the clinosim export, half from each: no patient is chosen for being small."""
-    records: list[PatientRecord] = []
-    for name, wanted in ((SYNTHEA, count - count // 2), (CLINOSIM, count // 2)):
-        path = data / name
-        if not path.is_file():
-            raise FileNotFoundError(f"shared data missing: {path}")
-        records.extend(islice(ExportReader(path).records(), wanted))
-    return records
-
-
-class _Service:
-    """``ehrmamba serve`` in its own process, configured only by the variables set here."""
-
-    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
-        self.process = process
-        self.url = url
-        self.log = log
-
-    @classmethod
-    def start(cls, workdir: Path, fhir_base: str, key: ClientKey) -> _Service:
-        workdir.mkdir(parents=True)
-        jwks = workdir / "ehr-jwks.json"
-        jwks.write_bytes(orjson.dumps(key.public_jwks()))
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("EHRMAMBA_") and k not in ("DATABASE_URL", "REDIS_URL")
-        }  # the settings read those two without the prefix too
-        env |= {
-            "EHRMAMBA_MODEL_PATH": str(ROOT / "models" / "compact"),
-            "EHRMAMBA_FHIR_BASE_URL": fhir_base,
-            "EHRMAMBA_FHIR_SERVER_ALLOW": json.dumps([fhir_base]),
-            "EHRMAMBA_DATABASE_URL": f"sqlite:///{workdir / 'store.db'}",
-            "EHRMAMBA_CDS_ISSUERS": json.dumps([{"iss": ISSUER, "jwks_file": str(jwks)}]),
-        }
-        port = free_port()
-        log = workdir / "service.log"
-        with log.open("wb") as out:  # the child keeps its own descriptor
-            process = subprocess.Popen(
-                [str(Path(sys.executable).with_name("ehrmamba")), "serve", "--port", str(port)],
-                cwd=workdir,  # no developer's .env is read
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        return cls(process, f"http://127.0.0.1:{port}", log)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + _READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the service exited at start:\n{self._log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"the service was not ready in {_READY_TIMEOUT_S} s:\n"
-                           f"{self._log_tail()}")  # fmt: skip
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-
-    def _log_tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
-
-
-async def _load(fhir_base: str, records: list[PatientRecord]) -> dict[str, JsonObject]:
-    """Upload the records, then read each patient's prefetch back from the server (an EHR
-    sends what its server holds, not what a file said)."""
-    started = time.perf_counter()
+async def _prefetches(fhir_base: str, patient_ids: list[str]) -> dict[str, JsonObject]:
+    """Each patient's prefetch read back from the server (an EHR sends what its server
+    holds, not what a file said)."""
     async with FhirClient(FhirClientConfig(base_url=fhir_base)) as fhir:
-        resources = 0
-        for record in records:
-            resources += await upload_record(fhir, record)
-        _say(f"loaded {len(records)} patients ({resources} resources) in "
-             f"{time.perf_counter() - started:.0f} s")  # fmt: skip
-        return {r.patient_id: await _prefetch(fhir, r.patient_id) for r in records}
+        return {patient: await _prefetch(fhir, patient) for patient in patient_ids}
 
 
 async def _prefetch(fhir: FhirClient, patient_id: str) -> JsonObject:
@@ -263,14 +161,14 @@ async def _predict_cases(client: _Client, patients: list[str], rounds: int) -> l
     for patient in patients:
         await client.predict(patient, cold)
     tokens = f"tokens median {statistics.median(cold.tokens):.0f}, max {max(cold.tokens)}"
-    _say(f"predict_cold: {len(cold.seconds)} calls")
+    say(f"predict_cold: {len(cold.seconds)} calls")
     warm = _Calls()
     started = time.perf_counter()
     for _ in range(rounds):
         for patient in patients:
             await client.predict(patient, warm)
     rate = len(warm.seconds) / (time.perf_counter() - started)
-    _say(f"predict_warm: {len(warm.seconds)} calls")
+    say(f"predict_warm: {len(warm.seconds)} calls")
     return [
         cold.measurement("predict_cold", 500, tokens),
         warm.measurement("predict_warm", 50, f"one at a time: {rate:.1f} req/s"),
@@ -294,7 +192,7 @@ async def _concurrent_case(client: _Client, patients: list[str], rounds: int) ->
     used = _since(before, await client.metrics())
     size = used["batch_size_sum"] / max(used["batch_size_count"], 1)
     case = f"predict_warm_x{CONCURRENCY}"
-    _say(f"{case}: {len(calls.seconds)} calls")
+    say(f"{case}: {len(calls.seconds)} calls")
     note = f"{CONCURRENCY} in flight: {rate:.1f} req/s, mean engine batch {size:.1f}"
     return calls.measurement(case, None, note)
 
@@ -316,7 +214,7 @@ async def _cds_case(
     used = _since(before, await client.metrics())
     state = ", ".join(f"{k} {v:.0f}" for k, v in sorted(used.items()) if k.startswith("state"))
     size = statistics.median(client.body_bytes[p] for p in patients) / 1024
-    _say(f"{case}: {len(calls.seconds)} calls")
+    say(f"{case}: {len(calls.seconds)} calls")
     return calls.measurement(case, 500, f"{state}; body median {size:.0f} KiB")
 
 
@@ -374,24 +272,6 @@ def _answer(response: httpx.Response) -> JsonObject:
                            f"{response.text[:500]}")  # fmt: skip
     answer: JsonObject = orjson.loads(response.content)
     return answer
-
-
-def _cpu_seconds(pids: tuple[int, ...]) -> list[float]:
-    """CPU seconds used by processes other than ``pids``, then by each of ``pids``: this
-    machine is shared, and the numbers mean little when something else took the cores."""
-    tick = os.sysconf("SC_CLK_TCK")
-    ours = []
-    for pid in pids:  # utime and stime, after the parenthesised command name
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ours.append((int(fields[11]) + int(fields[12])) / tick)
-    # user nice system idle iowait irq softirq steal: busy is all but idle and iowait
-    jiffies = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    busy = (sum(jiffies) - jiffies[3] - jiffies[4]) / tick
-    return [busy - sum(ours), *ours]
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def table(measurements: list[Measurement]) -> str:

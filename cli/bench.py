@@ -56,9 +56,9 @@ def service(
 ) -> None:
     """Predict and CDS Hooks latency over HTTP against real service and FHIR server
     processes, against the service's targets."""
-    from bench import service_latency
+    from bench import service_latency, stack
 
-    measurements = service_latency.run(data or service_latency.DEFAULT_DATA, patients, rounds)
+    measurements = service_latency.run(data or stack.DEFAULT_DATA, patients, rounds)
     if as_json:
         for measurement in measurements:
             print(service_latency.as_json(measurement))
@@ -120,3 +120,65 @@ def cache_memory(
     from bench import cache_memory as bench
 
     print(bench.table(bench.run(data, patients)))
+
+
+@app.command()
+def throughput(
+    connections: Annotated[
+        list[int] | None, typer.Option(min=1, help="Concurrency levels (default: 1 4 16 64).")
+    ] = None,
+    seconds: Annotated[float, typer.Option(min=1, help="wrk's run at each level.")] = 20.0,
+    warmup: Annotated[float, typer.Option(min=1, help="wrk warm-up before the levels, s.")] = 10.0,
+    patients: Annotated[int, typer.Option(min=1, help="Shared patients to rotate over.")] = 60,
+    workers: Annotated[int, typer.Option(min=1, help="ehrmamba serve --workers.")] = 1,
+    timeout: Annotated[float, typer.Option(min=1, help="wrk's per-request timeout, s.")] = 30.0,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="The shared data folder (default: ../shared/data beside the repo)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Predict requests per second and latency under wrk at rising concurrency, against
+    real FHIR server, service and Redis processes (needs wrk: scripts/install-load-tools)."""
+    from bench import stack, wrk
+    from bench import throughput as bench
+
+    try:
+        wrk.require_wrk()
+    except RuntimeError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    records = stack.load_records(data or stack.DEFAULT_DATA, patients)
+    levels = bench.run(records, levels=tuple(connections or bench.LEVELS), seconds=seconds,
+                       warmup_s=warmup, workers=workers, timeout_s=timeout)  # fmt: skip
+    if as_json:
+        for level in levels:
+            print(bench.as_json(level))
+    else:
+        print(bench.table(levels))
+
+
+@app.command()
+def soak(
+    minutes: Annotated[float, typer.Option(min=0.01, help="Length of the steady run.")] = 10.0,
+    rate: Annotated[float, typer.Option(min=0.1, help="Open-loop requests per second.")] = 4.0,
+    burst: Annotated[
+        int, typer.Option(min=0, help="Overload probe afterwards: requests sent at once (0: none).")
+    ] = 200,
+    patients: Annotated[int, typer.Option(min=1, help="Shared patients to rotate over.")] = 60,
+    workers: Annotated[int, typer.Option(min=1, help="ehrmamba serve --workers.")] = 1,
+    timeout: Annotated[float, typer.Option(min=1, help="Client timeout per request, s.")] = 30.0,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="The shared data folder (default: ../shared/data beside the repo)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """A steady open-loop predict load for a bounded time: errors and latency per minute,
+    the service's memory and open files every minute; then an overload burst."""
+    from bench import soak as bench
+    from bench import stack
+
+    records = stack.load_records(data or stack.DEFAULT_DATA, patients)
+    done = bench.run(records, minutes=minutes, rate=rate, workers=workers, timeout_s=timeout,
+                     burst=burst)  # fmt: skip
+    print(bench.as_json(done) if as_json else bench.report(done))

@@ -1,0 +1,186 @@
+"""Driving wrk: the Lua script that makes its requests and reports back, and its output.
+
+wrk is a closed-loop generator (each connection sends its next request when the previous
+answer is in), which is what a throughput ceiling is measured with. Its plain report
+lumps every non-2xx answer into one count and has no p95, so the script counts answers by
+status in each thread, counts the 429s that carry ``Retry-After``, and ``done`` prints one
+JSON line with the latency percentiles wrk recorded; ``parse`` reads that line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+MARK = "EHRMAMBA_WRK "
+INSTALL_HINT = (
+    "wrk is not installed: run scripts/install-load-tools (as root), or apt-get install wrk"
+)
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    """One wrk run. Latencies in milliseconds over every answer that came back (any
+    status); requests that hit wrk's timeout are counted in ``timeouts``, not there."""
+
+    requests: int
+    seconds: float
+    median_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    statuses: dict[int, int]
+    retry_after: int  # 429 answers that carried Retry-After
+    socket_errors: dict[str, int]  # connect, read, write
+    timeouts: int
+
+    @property
+    def per_second(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def ok_per_second(self) -> float:
+        ok = sum(n for status, n in self.statuses.items() if 200 <= status < 300)
+        return ok / self.seconds
+
+    @property
+    def non_2xx(self) -> dict[int, int]:
+        return {s: n for s, n in sorted(self.statuses.items()) if not 200 <= s < 300}
+
+
+def require_wrk() -> str:
+    """The wrk executable, or an error that says how to install it."""
+    found = shutil.which("wrk")
+    if found is None:
+        raise RuntimeError(INSTALL_HINT)
+    return found
+
+
+def lua_script(path_template: str, ids: Sequence[str], headers: Mapping[str, str]) -> str:
+    """A wrk script that POSTs to ``path_template`` (with ``{patient_id}``) for each id in
+    turn, each thread starting at its own place in the list, with ``headers`` on every
+    request."""
+    if not ids:
+        raise ValueError("no patient ids to rotate over")
+    before, after = path_template.split("{patient_id}")
+    id_list = ", ".join(_lua_string(i) for i in ids)
+    header_table = ", ".join(f"[{_lua_string(k)}] = {_lua_string(v)}" for k, v in headers.items())
+    return _SCRIPT.format(
+        ids=id_list,
+        headers=header_table,
+        before=_lua_string(before),
+        after=_lua_string(after),
+        mark=_lua_string(MARK),
+    )
+
+
+def run(
+    url: str,
+    script: Path,
+    *,
+    connections: int,
+    seconds: float,
+    timeout_s: float,
+    threads: int = 2,
+) -> WrkResult:
+    """Run wrk against ``url`` with ``script`` for ``seconds`` on ``connections``
+    keep-alive connections (no more threads than connections)."""
+    command = [require_wrk(), "-t", str(min(threads, connections)), "-c", str(connections),
+               "-d", f"{seconds:g}s", "--timeout", f"{timeout_s:g}s", "-s", str(script),
+               url]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return parse(done.stdout)
+
+
+def parse(stdout: str) -> WrkResult:
+    """The result line the script's ``done`` printed; wrk's own report around it is
+    ignored."""
+    for line in stdout.splitlines():
+        if line.startswith(MARK):
+            doc = json.loads(line[len(MARK) :])
+            break
+    else:
+        raise ValueError(f"no {MARK.strip()} line in wrk's output:\n{stdout[-2000:]}")
+    us = 1000.0
+    return WrkResult(
+        requests=doc["requests"],
+        seconds=doc["duration_us"] / 1e6,
+        median_ms=doc["p50_us"] / us,
+        p95_ms=doc["p95_us"] / us,
+        p99_ms=doc["p99_us"] / us,
+        max_ms=doc["max_us"] / us,
+        statuses={int(status): n for status, n in doc["statuses"].items()},
+        retry_after=doc["retry_after"],
+        socket_errors={k: doc[k] for k in ("connect", "read", "write")},
+        timeouts=doc["timeout"],
+    )
+
+
+def _lua_string(value: str) -> str:
+    """A double-quoted Lua literal; anything outside printable ASCII is refused rather
+    than escaped (patient ids and API keys never need it)."""
+    if not all(" " <= c <= "~" for c in value):
+        raise ValueError(f"not printable ASCII: {value!r}")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# Each thread has its own Lua state: ``setup`` (main state) keeps the thread objects so
+# ``done`` can collect the counts each thread's ``response`` kept in its globals.
+_SCRIPT = """\
+-- Generated by bench/wrk.py for `ehrmamba bench throughput`.
+local ids = {{{ids}}}
+local headers = {{{headers}}}
+local threads = {{}}
+
+function setup(thread)
+  thread:set("first", (#threads * 17) % #ids)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  position = first
+  statuses = {{}}
+  retry_after = 0
+end
+
+function request()
+  position = position % #ids + 1
+  return wrk.format("POST", {before} .. ids[position] .. {after}, headers, "")
+end
+
+function response(status, response_headers, body)
+  local key = tostring(status)
+  statuses[key] = (statuses[key] or 0) + 1
+  if status == 429 and (response_headers["retry-after"] or response_headers["Retry-After"]) then
+    retry_after = retry_after + 1
+  end
+end
+
+function done(summary, latency, requests)
+  local totals, retried = {{}}, 0
+  for _, thread in ipairs(threads) do
+    for status, n in pairs(thread:get("statuses")) do
+      totals[status] = (totals[status] or 0) + n
+    end
+    retried = retried + thread:get("retry_after")
+  end
+  local counts = {{}}
+  for status, n in pairs(totals) do
+    table.insert(counts, string.format('"%s": %d', status, n))
+  end
+  local errors = summary.errors
+  io.write({mark}, string.format(
+    '{{"requests": %d, "duration_us": %d, "p50_us": %d, "p95_us": %d, "p99_us": %d, ' ..
+    '"max_us": %d, "connect": %d, "read": %d, "write": %d, "timeout": %d, ' ..
+    '"retry_after": %d, "statuses": {{%s}}}}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(95),
+    latency:percentile(99), latency.max, errors.connect, errors.read, errors.write,
+    errors.timeout, retried, table.concat(counts, ", ")))
+end
+"""
