@@ -98,9 +98,11 @@ def deletion(
     min_positives: int = 5,
     steps: int = DEFAULT_STEPS,
     seed: int = 0,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> DeletionRun:
     """The deletion test on the test split; at most ``samples`` per task, half of them
-    positives where there are enough (chosen with ``seed``)."""
+    positives where there are enough (chosen with ``seed``). ``progress(task, done,
+    total)`` after each sample: a run takes tens of minutes on a CPU."""
     started = time.perf_counter()
     cpu = _OthersCpu()
     artifact = _matching(dataset, model)
@@ -121,6 +123,8 @@ def deletion(
             for k, top, randoms in _deletions(engine, task, window, explanation, ks, draws,
                                               seed + index):  # fmt: skip
                 falls.setdefault((task.value, k), []).append((label, top, randoms))
+            if progress is not None:
+                progress(task.value, index + 1, len(chosen))
     rows = [
         Deletion(
             task=task,

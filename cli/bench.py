@@ -6,6 +6,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 app = typer.Typer(help="Benchmarks (tables, or JSON lines with --json).", no_args_is_help=True)
 
@@ -101,8 +110,18 @@ def faithfulness(
         if not as_json:
             print(bench.steps_table(rows))
         return
-    run = bench.deletion(dataset, model, samples=samples, draws=draws,
-                         steps=steps or DEFAULT_STEPS)  # fmt: skip
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=Console(stderr=True),
+                  transient=True) as bar:  # fmt: skip
+        shown: dict[str, TaskID] = {}
+
+        def advance(task_name: str, done: int, total: int) -> None:
+            if task_name not in shown:
+                shown[task_name] = bar.add_task(f"explaining {task_name}", total=total)
+            bar.update(shown[task_name], completed=done)
+
+        run = bench.deletion(dataset, model, samples=samples, draws=draws,
+                             steps=steps or DEFAULT_STEPS, progress=advance)  # fmt: skip
     if as_json:
         for deleted in run.rows:
             print(bench.as_json(deleted))

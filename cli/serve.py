@@ -6,11 +6,14 @@ With several workers, Prometheus values live in memory-mapped files that every w
 writes and ``/metrics`` sums; prometheus_client finds the folder through the
 ``PROMETHEUS_MULTIPROC_DIR`` environment variable, which must be set before any worker
 imports it and must start empty. This command makes that folder and sets the variable.
+Likewise, a view link signed by one worker must open on another: without a configured
+``EHRMAMBA_VIEW_TOKEN_SECRET``, this command draws one key and hands it to all workers.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,7 +22,10 @@ from typing import Annotated
 import typer
 import uvicorn
 
+from service.settings import Settings
+
 app = typer.Typer(help="Run the inference service.")
+WORKER_START_S = 120
 
 
 @app.command()
@@ -41,6 +47,12 @@ def serve(
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    if workers > 1 and Settings().view_token_secret is None:
+        os.environ["EHRMAMBA_VIEW_TOKEN_SECRET"] = secrets.token_hex(32)
     uvicorn.run("service.app:create_app", factory=True, host=host, port=port,
                 workers=workers, proxy_headers=False,
-                access_log=False)  # its lines would carry patient ids in paths  # fmt: skip
+                access_log=False,  # its lines would carry patient ids in paths
+                # A new worker imports torch and the model before it answers the parent's
+                # health check: 8 s on a busy 2-core machine, past uvicorn's default 5 s,
+                # which would kill and restart workers forever.
+                timeout_worker_healthcheck=WORKER_START_S)  # fmt: skip

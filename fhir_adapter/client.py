@@ -5,8 +5,13 @@ Behaviour a hospital integration engineer can rely on:
   opaque), only on the server's own origin, and stops on a repeated link.
 - 429 and 502/503/504 are retried with exponential backoff, honouring ``Retry-After``
   (seconds or an HTTP date) up to a cap; connection failures are retried too. Only 429
-  is retried for POST, since a 5xx may mean the write happened.
+  is retried for POST, since a 5xx may mean the write happened (a batch of reads is
+  retried like a GET).
 - A 401 drops the cached token and retries once with a fresh one.
+- An incremental patient fetch is one ``batch`` Bundle (the Patient read and the
+  ``_lastUpdated`` searches as GET entries); a server that refuses batch (4xx other than
+  401/408/429, or 501) or answers it with something that is not a batch-response is asked
+  with separate requests from then on, by this client.
 - Every failure surfaces as one of the typed errors in ``fhir_adapter.errors``.
 """
 
@@ -14,15 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 import httpx
 
@@ -39,6 +45,9 @@ from fhir_adapter.record import CLINICAL_TYPES, MEDICATION_TYPES, JsonObject, Pa
 
 FHIR_JSON = "application/fhir+json"
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
+_NO_CACHE = {"Cache-Control": "no-cache"}  # servers that cache searches (HAPI) revalidate
+
+log = logging.getLogger(__name__)
 
 # Told of every HTTP exchange: (method, resource type, seconds, outcome), where outcome is
 # "ok" or the failure kind (timeout, connection, status_4xx, status_5xx). The service hangs
@@ -90,6 +99,9 @@ class FhirClient:
             transport=transport,
             follow_redirects=False,
         )
+        # Whether the server takes a batch Bundle of reads: unknown until asked, False once
+        # it refused one (then every fetch is made of separate requests).
+        self.batch_supported: bool | None = None
 
     async def __aenter__(self) -> FhirClient:
         return self
@@ -134,10 +146,14 @@ class FhirClient:
             yield entry
 
     async def _pages(
-        self, url: str | None, query: Mapping[str, str] | None, fresh: bool
+        self,
+        url: str | None,
+        query: Mapping[str, str] | None,
+        fresh: bool,
+        seen: set[str] | None = None,
     ) -> AsyncIterator[SearchEntry]:
-        headers = {"Cache-Control": "no-cache"} if fresh else None
-        seen: set[str] = set()
+        headers = _NO_CACHE if fresh else None
+        seen = set() if seen is None else seen
         first = True
         while url is not None:
             if len(seen) >= self.config.max_pages:
@@ -147,20 +163,12 @@ class FhirClient:
                     "GET", url, params=query if first else None, headers=headers
                 )
             except FhirNotFound as exc:
-                # A search that matches nothing answers an empty Bundle, so a 404 or 410 here
-                # is the server losing the search (an expired page), never a missing patient.
-                message = f"search or search page gone (HTTP {exc.status})"
-                raise FhirUpstreamError(message, url=url) from exc
+                raise _search_gone(exc) from exc
             seen.add(str(response.url))
             first = False
-            bundle = _resource(response)
-            if bundle.get("resourceType") != "Bundle":
-                raise FhirUpstreamError("search did not return a Bundle", url=str(response.url))
-            for entry in bundle.get("entry") or []:
-                resource = entry.get("resource") if isinstance(entry, dict) else None
-                if isinstance(resource, dict):
-                    mode = (entry.get("search") or {}).get("mode", "match")
-                    yield SearchEntry(resource, str(mode))
+            bundle = _search_bundle(_resource(response), str(response.url))
+            for entry in search_entries(bundle):
+                yield entry
             url = self._next_link(bundle, str(response.url), seen)
 
     async def fetch_patient(
@@ -169,11 +177,24 @@ class FhirClient:
         """A patient's Patient resource and clinical resources, for ``build_timeline``.
 
         With ``since`` only resources updated after that instant are fetched (the Patient is
-        always read), which is how the service extends a cached timeline.
+        always read), which is how the service extends a cached timeline: then in one
+        ``batch`` request where the server takes one (``batch_supported``), else, as for a
+        whole record, a read and one search per type (its pages in turn), side by side.
         """
+        if since is not None and self.batch_supported is not False:
+            batched = await self._fetch_batch(patient_id, since)
+            if batched is not None:
+                return batched
         patient = await self.read("Patient", patient_id)
-        searches = [self._patient_search(t, patient_id, since) for t in CLINICAL_TYPES]
-        results = await asyncio.gather(*searches)
+        queries = [(t, _patient_query(t, patient_id, since)) for t in CLINICAL_TYPES]
+        results = await asyncio.gather(
+            *(_collect(self.search(t, query, fresh=True)) for t, query in queries)
+        )
+        return self._patient_record(patient_id, patient, results)
+
+    def _patient_record(
+        self, patient_id: str, patient: JsonObject, results: Sequence[Sequence[SearchEntry]]
+    ) -> PatientRecord:
         resources: list[JsonObject] = []
         medications: dict[str, JsonObject] = {}
         for entries in results:
@@ -191,15 +212,92 @@ class FhirClient:
             medications=medications,
         )
 
-    async def _patient_search(
-        self, resource_type: str, patient_id: str, since: datetime | None
-    ) -> list[SearchEntry]:
-        params = {"patient": patient_id}
-        if since is not None:
-            params["_lastUpdated"] = "gt" + since.astimezone(UTC).isoformat().replace("+00:00", "Z")
-        if resource_type in MEDICATION_TYPES:
-            params["_include"] = f"{resource_type}:medication"
-        return [entry async for entry in self.search(resource_type, params, fresh=True)]
+    async def _fetch_batch(self, patient_id: str, since: datetime) -> PatientRecord | None:
+        """``fetch_patient`` as one batch Bundle: the Patient read and the searches as GET
+        entries, each search's later pages followed as usual. None (and separate requests
+        from now on) when the server does not do batch. An entry that failed fails as the
+        same request sent alone would: 404 for the Patient is ``FhirNotFound``, for a search
+        the search is gone (checked for every entry before any later page is asked for); an
+        entry the server would have us retry (429, 502-504) is sent again alone, with the
+        usual retries."""
+        urls = [f"Patient/{quote(patient_id, safe='')}"] + [
+            f"{t}?{urlencode(_patient_query(t, patient_id, since, self.config.page_size))}"
+            for t in CLINICAL_TYPES
+        ]
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "batch",
+            "entry": [{"request": {"method": "GET", "url": url}} for url in urls],
+        }
+        try:
+            response = await self.request(
+                "POST", self.base_url, json=bundle, headers=_NO_CACHE, idempotent=True
+            )
+        except FhirError as exc:
+            if exc.status is None or not _refuses_batch(exc.status):
+                raise
+            self._no_batch(f"HTTP {exc.status}")
+            return None
+        try:
+            answer = _json_body(response)
+        except FhirUpstreamError:  # a proxy's page, say: not a batch-response either
+            answer = None
+        entries = answer.get("entry") if isinstance(answer, dict) else None
+        if (
+            not isinstance(answer, dict)
+            or answer.get("resourceType") != "Bundle"
+            or answer.get("type") != "batch-response"
+            or not isinstance(entries, list)
+            or len(entries) != len(urls)
+            or not all(isinstance(e, dict) for e in entries)
+        ):
+            self._no_batch("an answer that is not a batch-response for every entry")
+            return None
+        self.batch_supported = True
+        answered = list(zip(entries, urls, strict=True))
+        statuses = [_entry_status(entry, f"{self.base_url}/{url}") for entry, url in answered]
+        for i, ((entry, url), status) in enumerate(zip(answered, statuses, strict=True)):
+            if not 200 <= status < 300 and status not in _RETRY_STATUSES:  # before any paging
+                error = _entry_error(entry, status, f"{self.base_url}/{url}")
+                raise _search_gone(error) if i and isinstance(error, FhirNotFound) else error
+        patient = await self._batch_read(entries[0], statuses[0], urls[0])
+        results = await asyncio.gather(
+            *(self._batch_search(entry, status, url)
+              for (entry, url), status in zip(answered[1:], statuses[1:], strict=True))
+        )  # fmt: skip
+        return self._patient_record(patient_id, patient, results)
+
+    def _no_batch(self, why: str) -> None:
+        if self.batch_supported is not False:
+            log.warning("the FHIR server %s does not take batch requests (%s): fetching "
+                        "with separate requests", self.base_url, why)  # fmt: skip
+        self.batch_supported = False
+
+    async def _batch_read(self, entry: JsonObject, status: int, url: str) -> JsonObject:
+        """The resource of a successful batch entry that read ``url`` (read alone again,
+        with the usual retries, when the server said to retry)."""
+        if status in _RETRY_STATUSES:
+            return _resource(await self.request("GET", url))
+        resource = entry.get("resource")
+        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+            raise FhirUpstreamError("server sent JSON that is not a FHIR resource",
+                                    url=f"{self.base_url}/{url}", status=status)  # fmt: skip
+        return resource
+
+    async def _batch_search(self, entry: JsonObject, status: int, url: str) -> list[SearchEntry]:
+        """Every result of a successful batch entry that searched ``url``: its page, then
+        the pages its ``next`` links lead to (searched alone again, with the usual retries,
+        when the server said to retry)."""
+        target = f"{self.base_url}/{url}"
+        if status in _RETRY_STATUSES:
+            return [e async for e in self._pages(target, None, fresh=True)]
+        bundle = _search_bundle(entry.get("resource"), target)
+        found = list(search_entries(bundle))
+        seen = {target}
+        following = self._next_link(bundle, target, seen)
+        if following is not None:
+            found += [e async for e in self._pages(following, None, fresh=True, seen=seen)]
+        return found
 
     # --- writes ----------------------------------------------------------------------------
 
@@ -251,13 +349,18 @@ class FhirClient:
         headers: Mapping[str, str] | None = None,
         json: JsonObject | None = None,
         expect: frozenset[int] = frozenset({200, 201}),
+        idempotent: bool | None = None,
     ) -> httpx.Response:
         """Send with auth, retries and error mapping; returns a response whose status is in
-        ``expect``. Relative ``url`` values are taken against the base URL."""
+        ``expect``. Relative ``url`` values are taken against the base URL. 502-504 are
+        retried only for an ``idempotent`` request (default: GET), such as a batch of
+        reads."""
         target = url if "://" in url else f"{self.base_url}/{url.lstrip('/')}"
         send_headers = dict(headers or {})
         if json is not None:
             send_headers["Content-Type"] = FHIR_JSON
+        if idempotent is None:
+            idempotent = method == "GET"
         reauthorised = False
         attempt = 0
         while True:
@@ -296,7 +399,7 @@ class FhirClient:
                 reauthorised = True
                 self.config.auth.invalidate()
                 continue
-            retryable = status == 429 or (status in _RETRY_STATUSES and method == "GET")
+            retryable = status == 429 or (status in _RETRY_STATUSES and idempotent)
             if retryable and attempt < self.config.max_retries:
                 attempt += 1
                 await asyncio.sleep(self._backoff(attempt, response.headers.get("Retry-After")))
@@ -362,15 +465,84 @@ def _parse_retry_after(value: str | None) -> float | None:
     return when.timestamp() - time.time()
 
 
-def _resource(response: httpx.Response) -> JsonObject:
+def search_entries(bundle: JsonObject) -> Iterator[SearchEntry]:
+    """The resources of one searchset page, with their search mode (``match`` when the
+    server gives none)."""
+    for entry in bundle.get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict):
+            mode = (entry.get("search") or {}).get("mode", "match")
+            yield SearchEntry(resource, str(mode))
+
+
+async def _collect(found: AsyncIterator[SearchEntry]) -> list[SearchEntry]:
+    return [entry async for entry in found]
+
+
+def _patient_query(
+    resource_type: str, patient_id: str, since: datetime | None, count: int | None = None
+) -> dict[str, str]:
+    """The search for one type of a patient's resources (updated after ``since``)."""
+    params = {"patient": patient_id}
+    if since is not None:
+        params["_lastUpdated"] = "gt" + since.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if resource_type in MEDICATION_TYPES:
+        params["_include"] = f"{resource_type}:medication"
+    if count is not None:
+        params["_count"] = str(count)
+    return params
+
+
+def _search_bundle(body: object, url: str) -> JsonObject:
+    if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+        raise FhirUpstreamError("search did not return a Bundle", url=url)
+    return body
+
+
+def _search_gone(exc: FhirError) -> FhirUpstreamError:
+    # A search that matches nothing answers an empty Bundle, so a 404 or 410 there is the
+    # server losing the search (an expired page), never a missing patient.
+    # The message carries the status; the error does not, so that it reads as what it is.
+    return FhirUpstreamError(f"search or search page gone (HTTP {exc.status})", url=exc.url)
+
+
+def _refuses_batch(status: int) -> bool:
+    """Whether a batch POST answered with ``status`` says "no batch here" (400, 404, 405,
+    415, 501, ...), rather than failing for reasons separate requests would meet as well
+    (credentials, throttling, an outage)."""
+    return (400 <= status < 500 and status not in (401, 408, 429)) or status == 501
+
+
+def _entry_status(entry: JsonObject, url: str) -> int:
+    """The HTTP status of a batch-response entry (``"404 Not Found"`` is 404)."""
+    status = str((entry.get("response") or {}).get("status") or "").strip()
+    code = status.split(" ", 1)[0]
+    if len(code) != 3 or not code.isdigit():
+        raise FhirUpstreamError("batch entry without an HTTP status", url=url)
+    return int(code)
+
+
+def _entry_error(entry: JsonObject, status: int, url: str) -> FhirError:
+    """What a failed batch entry would have raised as a request of its own."""
+    outcome = (entry.get("response") or {}).get("outcome") or entry.get("resource")
+    if not isinstance(outcome, dict) or outcome.get("resourceType") != "OperationOutcome":
+        outcome = None
+    return _status_error(status, outcome, url, None)
+
+
+def _json_body(response: httpx.Response) -> object:
     try:
-        body = response.json()
+        return response.json()
     except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep to read
         raise FhirUpstreamError(
             "server sent a body that is not JSON",
             url=str(response.url),
             status=response.status_code,
         ) from exc
+
+
+def _resource(response: httpx.Response) -> JsonObject:
+    body = _json_body(response)
     if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):
         raise FhirUpstreamError(
             "server sent JSON that is not a FHIR resource",
@@ -381,7 +553,6 @@ def _resource(response: httpx.Response) -> JsonObject:
 
 
 def _error_for(response: httpx.Response) -> FhirError:
-    status = response.status_code
     outcome: dict[str, Any] | None = None
     try:
         body = response.json()
@@ -389,8 +560,15 @@ def _error_for(response: httpx.Response) -> FhirError:
             outcome = body
     except (ValueError, RecursionError):  # no usable OperationOutcome: the status speaks
         pass
-    detail = _diagnostics(outcome) or response.reason_phrase
-    kwargs: dict[str, Any] = {"url": str(response.url), "status": status, "outcome": outcome}
+    return _status_error(response.status_code, outcome, str(response.url), response.reason_phrase)
+
+
+def _status_error(
+    status: int, outcome: dict[str, Any] | None, url: str, reason: str | None
+) -> FhirError:
+    """The typed error for a failed request (or batch entry) with ``status``."""
+    detail = _diagnostics(outcome) or reason or f"HTTP {status}"
+    kwargs: dict[str, Any] = {"url": url, "status": status, "outcome": outcome}
     if status in (404, 410):
         return FhirNotFound(f"not found: {detail}", **kwargs)
     if status in (401, 403):

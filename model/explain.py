@@ -56,7 +56,7 @@ from model.network import EHRMamba, TokenBatch
 from model.tasks import Task
 
 DEFAULT_STEPS = 32  # chosen by measurement: docs/benchmarks.md, "Explanations"
-DEFAULT_BATCH_TOKENS = 4096  # steps x input length in one backward pass: measured there too
+DEFAULT_BATCH_TOKENS = 2048  # steps x input length in one backward pass: measured there too
 _EVENT_KINDS = frozenset(EVENT_TYPES.values())
 
 

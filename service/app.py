@@ -22,8 +22,10 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
+from fhir_adapter.client import FhirClient
 from model.artifact import ArtifactError, load_artifact
 from service import metrics
+from service.admission import Admission
 from service.batching import MicroBatcher
 from service.cache import MemoryCache, RedisCache, ResilientCache
 from service.cds.jwt import ClientTokenVerifier
@@ -37,7 +39,7 @@ from service.outcomes import (
     validation_error_handler,
 )
 from service.patient_cache import PatientCache
-from service.routes import cds, health, predict
+from service.routes import cds, health, predict, view
 from service.routes import metrics as metrics_route
 from service.scoring import Scorer
 from service.settings import Settings
@@ -77,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics_route.router)
     app.include_router(predict.router)
+    app.include_router(view.router)
     app.include_router(cds.router)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
@@ -93,11 +96,14 @@ def _state(settings: Settings) -> ServiceState:
         cache=cache,
         patients=PatientCache(cache, key, settings.cache_ttl),
         verifier=ClientTokenVerifier(settings.cds_issuers, cache, settings.cds_jwt_leeway),
+        admission=Admission(settings.max_in_flight),
     )
 
 
 async def _start(state: ServiceState) -> None:
     settings = state.settings
+    if settings.fhir_base_url:  # one client, one connection pool, for the process's life
+        state.fhir = FhirClient(state.fhir_config())
     state.threads_before = (torch.get_num_threads(), numba.get_num_threads())
     _set_threads(settings.engine_threads, settings.engine_threads)
     try:
@@ -112,6 +118,7 @@ async def _start(state: ServiceState) -> None:
             max_size=settings.batch_max_size,
             max_wait=settings.batch_max_wait,
             queue_max=settings.queue_max,
+            in_progress=lambda: state.admission.active,
         )
         state.batcher.start()
         state.checks["model"] = f"{artifact.config.name} {artifact.version}"
@@ -153,9 +160,15 @@ async def _stop(state: ServiceState) -> None:
         _set_threads(*state.threads_before)
     if state.store_opener is not None:
         state.store_opener.cancel()
+    for task in state.background:
+        task.cancel()
+    await asyncio.gather(*state.background, return_exceptions=True)
     if state.batcher is not None:
         await state.batcher.stop()
     await state.cache.aclose()
+    if state.fhir is not None:
+        await state.fhir.aclose()
+        state.fhir = None
     if state.store is not None:
         state.store.close()
     metrics.mark_worker_dead(os.getpid())

@@ -2,7 +2,9 @@
 
 On a CPU a batch of 8 patients costs far less than 8 calls (the weights are read once per
 step for all of them), so requests that arrive within ``max_wait`` of each other are scored
-together, up to ``max_size`` at a time, by one worker thread. The queue is bounded: when
+together, up to ``max_size`` at a time, by one worker thread. It waits only while other
+requests are in progress that could still join (``in_progress``): a lone request does not
+sit out ``max_wait`` for company that cannot come. The queue is bounded: when
 ``queue_max`` requests already wait, a new one is refused at once (the route answers 429
 with ``Retry-After``) instead of joining a queue whose tail would time out anyway.
 """
@@ -46,8 +48,12 @@ class MicroBatcher(Generic[In, Out]):
         max_size: int,
         max_wait: float,
         queue_max: int,
+        in_progress: Callable[[], int] | None = None,
     ) -> None:
+        """``in_progress``: requests the service is working on now (those in the queue
+        and those still reading FHIR); None: always wait up to ``max_wait``."""
         self._run = run
+        self._in_progress = in_progress
         self.max_size = max_size
         self.max_wait = max_wait
         self.queue_max = queue_max
@@ -91,6 +97,8 @@ class MicroBatcher(Generic[In, Out]):
             batch = [await self._queue.get()]
             deadline = time.perf_counter() + self.max_wait
             while len(batch) < self.max_size:
+                if self._queue.empty() and not self._company_possible(len(batch)):
+                    break
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     if self._queue.empty():
@@ -103,6 +111,10 @@ class MicroBatcher(Generic[In, Out]):
                     break
             metrics.QUEUE_DEPTH.dec(len(batch))
             await self._score(batch)
+
+    def _company_possible(self, batched: int) -> bool:
+        """Whether a request not yet queued could still join this batch."""
+        return self._in_progress is None or self._in_progress() > batched
 
     async def _score(self, batch: list[_Job[In, Out]]) -> None:
         started = time.perf_counter()

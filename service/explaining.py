@@ -15,7 +15,9 @@ top two fifths of what the model saw in training". The view and the API docs say
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,6 +34,9 @@ from service import metrics
 from service.patient_cache import sequence_digest
 from service.scoring import Scored, Scorer
 from service.state import ServiceState
+
+_log = logging.getLogger(__name__)
+BACKGROUND_MAX = 8  # explanations left running per worker after their caller gave up
 
 # Quintile of the training population's values -> words (lab_bins.N_BINS == 5).
 LAB_LEVELS = ("very low", "low", "mid-range", "high", "very high")
@@ -140,12 +145,14 @@ async def explain_cached(
     record: PatientRecord,
     tasks: Sequence[Task],
     now: datetime,
+    compute: bool = True,
 ) -> dict[Task, TaskExplanation]:
     """``explain_scored`` with ``state.settings.explain_steps``, served from the patient
     cache when the same model explained the same task over exactly the same input (token
     digest and length-of-stay cut), else computed in a worker thread, one at a time per
     worker (``state.explaining``: each takes every core torch has, and a queue of them
-    must not starve the engine's scoring of its thread), and cached."""
+    must not starve the engine's scoring of its thread), and cached. With ``compute``
+    False only what the cache holds."""
     steps = state.settings.explain_steps
     digest = sequence_digest(scored.input.sequence, len(scored.input.sequence))
     base, patient = record.source, record.patient_id
@@ -158,14 +165,53 @@ async def explain_cached(
         kind = f"explain:{scorer.artifact.sha256}:{steps}:{task.value}"
         raw = await state.patients.load_entry(kind, base, patient)
         attributed = _decode(raw, check) if raw is not None else None
+        if attributed is None and not compute:
+            continue  # only looking: the caller that computes counts the miss
         metrics.CACHE_REQUESTS.labels("explanation", "hit" if attributed else "miss").inc()
         if attributed is None:
             attributed = await anyio.to_thread.run_sync(
-                _attribute, scorer, scored, task, steps, limiter=state.explaining
-            )
+                _attribute, scorer, scored, task, steps, limiter=state.explaining,
+                abandon_on_cancel=True,  # a stopping service does not wait for the thread
+            )  # fmt: skip
             await state.patients.save_entry(kind, base, patient, _encode(attributed, check))
         out[task] = _named(scorer.artifact, task, attributed, now)
     return out
+
+
+async def explain_within(
+    state: ServiceState,
+    scorer: Scorer,
+    scored: Scored,
+    record: PatientRecord,
+    tasks: Sequence[Task],
+    now: datetime,
+    wait: float,
+) -> dict[Task, TaskExplanation] | None:
+    """``explain_cached``, waited for at most ``wait`` seconds; None when it takes longer.
+    The work goes on in the background and lands in the cache, so the next call for the
+    same input (a card when the chart is opened again, the patient view) finds it: a CDS
+    client must not be kept waiting for tens of seconds, and the work is not thrown away."""
+    cached = await explain_cached(state, scorer, scored, record, tasks, now, compute=False)
+    if set(cached) == set(tasks) & set(scored.probabilities):
+        return cached
+    if len(state.background) >= BACKGROUND_MAX:  # busy: queue nothing more
+        return None
+    job = asyncio.ensure_future(explain_cached(state, scorer, scored, record, tasks, now))
+    try:
+        return await asyncio.wait_for(asyncio.shield(job), wait)
+    except TimeoutError:
+        state.background.add(job)
+        job.add_done_callback(_forget(state))
+        return None
+
+
+def _forget(state: ServiceState) -> Callable[[asyncio.Future[Any]], None]:
+    def done(job: asyncio.Future[Any]) -> None:
+        state.background.discard(job)
+        if not job.cancelled() and job.exception() is not None:
+            _log.warning("a background explanation failed: %r", job.exception())
+
+    return done
 
 
 def _encode(attributed: _Attributed, check: str) -> bytes:

@@ -63,7 +63,8 @@ QUEUE_DEPTH = Gauge(
 )
 QUEUE_REJECTIONS = Counter(
     "ehrmamba_queue_rejections_total",
-    "Requests refused because the engine queue was full or the service not ready.",
+    "Requests refused at once: the engine queue was full (full) or the worker had its "
+    "limit of requests in progress (in_flight).",
     ["reason"],
 )
 

@@ -45,6 +45,9 @@ _SCAN_MAGIC = b"EHRSC1"
 class CachedRecord:
     record: PatientRecord
     watermark: datetime | None
+    # When the FHIR server last confirmed the record (epoch seconds, taken before asking);
+    # what EHRMAMBA_FHIR_FRESHNESS is measured from. None: never (read as not fresh).
+    checked_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,7 @@ def _encode_record(entry: CachedRecord) -> bytes:
             "medications": record.medications,
             "dropped": dict(record.dropped),
             "watermark": entry.watermark.isoformat() if entry.watermark else None,
+            "checked_at": entry.checked_at,
         }
     )
 
@@ -169,9 +173,11 @@ def _decode_record(raw: bytes) -> CachedRecord | None:
             dropped=Counter({str(k): int(v) for k, v in data["dropped"].items()}),
         )
         watermark = parse_datetime(data["watermark"]) if data["watermark"] else None
+        checked = data.get("checked_at")  # absent in entries written before it existed
+        checked_at = float(checked) if isinstance(checked, int | float) else None
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return None
-    return CachedRecord(record, watermark)
+    return CachedRecord(record, watermark, checked_at)
 
 
 def _encode_scan(stored: StoredScan) -> bytes:

@@ -2,11 +2,14 @@
 the CDS Hooks services.
 
 1. **Record**: from the cache and an incremental FHIR fetch (``_lastUpdated`` beyond the
-   cached watermark), or a full fetch, or a CDS request's prefetch.
+   cached watermark, one batch request where the server takes it), or a full fetch, or a
+   CDS request's prefetch; or, within ``EHRMAMBA_FHIR_FRESHNESS`` seconds of the last time
+   the FHIR server confirmed it, the cached record alone (``fresh-cache``; off by default).
 2. **Tokens**: the one normaliser and the artifact's tokenizer.
 3. **Scan state**: the cached state is used when the new tokens extend the cached ones
    exactly; otherwise the engine scans from the start (same answer either way).
-4. **Score** through the micro-batcher, **cache** the new state, **record** the prediction.
+4. **Score** through the micro-batcher, **cache** the new state, **record** the prediction
+   (with the call's audit event, in one transaction).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from fhir_adapter.normalize import build_timeline
 from fhir_adapter.record import PatientRecord
 from model.tasks import Task
 from service import metrics
+from service.audit import current_audit
 from service.batching import QueueFull
 from service.outcomes import ServiceError
 from service.patient_cache import CachedRecord, StoredScan, merge_records, sequence_digest
@@ -36,16 +40,22 @@ from service.store import NewPrediction, StoreUnavailable
 @dataclass(frozen=True)
 class Fetched:
     record: PatientRecord
-    mode: str  # cold, incremental or prefetch
+    mode: str  # cold, incremental, fresh-cache or prefetch
     seconds: float
+    checked_at: float | None = None  # when the FHIR server last confirmed it (epoch s)
 
 
 async def fetch_record(state: ServiceState, fhir: FhirClient, patient_id: str) -> Fetched:
     """The patient's current record: the cached one brought up to date when there is one,
-    else a full read. FHIR failures become 404/502/504 ServiceErrors."""
+    else a full read; the cached one as it is while the FHIR server confirmed it less than
+    ``fhir_freshness`` seconds ago. FHIR failures become 404/502/504 ServiceErrors."""
     started = time.perf_counter()
     base = fhir.base_url
     cached = await state.patients.load_record(base, patient_id)
+    if cached is not None and _fresh(cached.checked_at, state.settings.fhir_freshness):
+        return Fetched(cached.record, "fresh-cache", time.perf_counter() - started,
+                       cached.checked_at)  # fmt: skip
+    asked = wall_clock()  # before the request: what changes after it may not be in the answer
     try:
         if cached is not None and cached.watermark is not None:
             delta = await fhir.fetch_patient(patient_id, since=cached.watermark)
@@ -54,7 +64,18 @@ async def fetch_record(state: ServiceState, fhir: FhirClient, patient_id: str) -
             record, mode = await fhir.fetch_patient(patient_id), "cold"
     except FhirError as exc:
         raise fhir_failure(exc) from exc
-    return Fetched(record, mode, time.perf_counter() - started)
+    return Fetched(record, mode, time.perf_counter() - started, asked)
+
+
+def _fresh(checked_at: float | None, freshness: float) -> bool:
+    """Whether a record the FHIR server confirmed at ``checked_at`` may be used without
+    asking it again (never with freshness 0, nor for a time ahead of this clock)."""
+    return checked_at is not None and 0.0 <= wall_clock() - checked_at < freshness
+
+
+def wall_clock() -> float:
+    """Seconds since the epoch: what replicas sharing a cache agree on."""
+    return time.time()
 
 
 def fhir_failure(exc: FhirError) -> ServiceError:
@@ -112,8 +133,10 @@ async def score_record(
         record.source, record.patient_id, sha,
         StoredScan(scored.cache, sequence_digest(sequence, scored.cache.length)),
     )  # fmt: skip
-    if fetched.mode != "prefetch":
-        await state.patients.save_record(CachedRecord(record, timeline.source.last_updated))
+    if fetched.mode not in ("prefetch", "fresh-cache"):  # a fresh-cache record is unchanged
+        await state.patients.save_record(
+            CachedRecord(record, timeline.source.last_updated, fetched.checked_at)
+        )
     timings = {
         "fetch_s": fetched.seconds,
         "tokenize_s": tokenized - started,  # normalise and tokenize
@@ -135,13 +158,17 @@ async def record_prediction(
     tasks: Sequence[Task],
     answer: dict[str, Any],
 ) -> int:
-    """Write the prediction to the store; 503 when it cannot be written (a prediction that
-    is not recorded is not answered: the audit trail must be complete)."""
+    """Write the prediction to the store, with the success event of the call being audited
+    (``service.audit``) in the same transaction; 503 when it cannot be written (a
+    prediction that is not recorded is not answered: the audit trail must be complete)."""
     store = state.store
     assert store is not None
     artifact = scorer.artifact
+    audit = current_audit()
+    if audit is not None and audit.written:  # one event per call, written with the first
+        audit = None
     try:
-        return await store.record_prediction(
+        prediction_id = await store.record_prediction(
             NewPrediction(
                 patient_id=record.patient_id,
                 fhir_base=record.source,
@@ -153,7 +180,8 @@ async def record_prediction(
                 results={k: answer[k] for k in ("predictions", "not_scored", "forecast")},
                 data=answer["data"],
                 timings=answer["timings"],
-            )
+            ),
+            audit.event() if audit is not None else None,
         )
     except StoreUnavailable as exc:
         metrics.STORE_ERRORS.labels("record_prediction").inc()
@@ -161,6 +189,9 @@ async def record_prediction(
             503, "transient", "the prediction could not be recorded; nothing was answered",
             headers={"Retry-After": "5"},
         ) from exc  # fmt: skip
+    if audit is not None:
+        audit.written = True
+    return prediction_id
 
 
 def observe_scores(scorer: Scorer, scored: Scored) -> None:

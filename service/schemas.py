@@ -88,7 +88,12 @@ class DataFacts(BaseModel):
 
 
 class CacheUse(BaseModel):
-    record: Literal["cold", "incremental", "prefetch"]
+    record: Literal["cold", "incremental", "prefetch", "fresh-cache"] = Field(
+        description="Where the record came from: cold (a whole FHIR read), incremental (the "
+        "cached record and what the FHIR server changed since), prefetch (the CDS request), "
+        "fresh-cache (the cached record alone, confirmed by the FHIR server less than "
+        "EHRMAMBA_FHIR_FRESHNESS seconds ago; changes since then are not in it)."
+    )
     state: Literal["miss", "hit", "extended"]
     scanned_tokens: int = Field(description="Tokens this call scanned (0: fully cached).")
 

@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     fhir_retries: int = Field(
         default=3, ge=0, description="Retries of a FHIR read on 429, 502-504 or no connection."
     )
+    fhir_freshness: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds after the FHIR server last confirmed a cached record within which "
+        "predict answers from it without asking the server (cache.record = fresh-cache). "
+        "0: always ask.",
+    )
     max_forecast: int = Field(default=20, ge=0, description="Largest forecast=k accepted.")
     explain_steps: int = Field(
         default=DEFAULT_STEPS,
@@ -57,6 +64,13 @@ class Settings(BaseSettings):
     )
     explain_top: int = Field(
         default=5, ge=1, le=50, description="Events listed per task and direction by explain=true."
+    )
+    cds_explain_wait: float = Field(
+        default=2.0,
+        ge=0,
+        description="Seconds a CDS call waits for the reasons on its cards; beyond it the "
+        "cards go out without them, and they are finished in the background for the next "
+        "call and the patient view.",
     )
     public_url: str | None = Field(
         default=None,
@@ -111,6 +125,15 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=16 * 1024 * 1024, gt=0, description="Largest request body (CDS prefetch)."
     )
+    view_token_secret: SecretStr | None = Field(
+        default=None,
+        description="HMAC key of the signed links to /patients/{id}/view that CDS cards "
+        "carry; replicas must share it. Unset: a random key per process (ehrmamba serve "
+        "draws one for all its workers).",
+    )
+    view_token_lifetime: float = Field(
+        default=15 * 60.0, gt=0, le=24 * 3600.0, description="How long a view link works."
+    )
 
     # --- inference batching ------------------------------------------------------------------
     engine_threads: int = Field(
@@ -126,4 +149,10 @@ class Settings(BaseSettings):
     )
     queue_max: int = Field(
         default=64, ge=1, description="Requests waiting for the engine before 429."
+    )
+    max_in_flight: int = Field(
+        default=32,
+        ge=1,
+        description="Requests one worker works on at once (FHIR reads, scoring, recording); "
+        "beyond it new ones get 429 at once instead of waiting until callers time out.",
     )

@@ -1,5 +1,6 @@
-"""What the running service holds (settings, model, batcher, cache, store, CDS token
-verifier), and the FastAPI dependencies that hand it to routes."""
+"""What the running service holds (settings, model, batcher, cache, store, the configured
+FHIR server's client, CDS token verifier), and the FastAPI dependencies that hand it to
+routes."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import anyio
 from fastapi import Depends, Header, Request
 
 from fhir_adapter.auth import Auth, BearerToken, NoAuth
-from fhir_adapter.client import FhirClientConfig
+from fhir_adapter.client import FhirClient, FhirClientConfig
 from service import metrics
+from service.admission import Admission
 from service.batching import MicroBatcher
 from service.cache import ResilientCache
 from service.cds.jwt import ClientTokenVerifier
@@ -31,19 +33,34 @@ class ServiceState:
     cache: ResilientCache
     patients: PatientCache
     verifier: ClientTokenVerifier
+    admission: Admission
     scorer: Scorer | None = None
     batcher: MicroBatcher[Prepared, Scored] | None = None
     store: Store | None = None
+    # The configured FHIR server's client for the process's life (its connection pool);
+    # CDS calls naming their own fhirServer make a client per call.
+    fhir: FhirClient | None = None
     store_opener: asyncio.Task[None] | None = None  # retries a store that was down at start
     threads_before: tuple[int, int] | None = None  # torch and numba threads to restore at stop
     problems: dict[str, str] = field(default_factory=lambda: {"start": "starting"})
     checks: dict[str, str] = field(default_factory=dict)
     explaining: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
+    # Explanations a CDS call stopped waiting for: they finish into the cache (so the next
+    # card or the patient view has them) and are cancelled at stop.
+    background: set[asyncio.Task[object]] = field(default_factory=set)
 
     @property
     def not_ready(self) -> str | None:
         """Why the service cannot answer yet (None: it can)."""
         return "; ".join(self.problems.values()) or None
+
+    def fhir_client(self) -> FhirClient:
+        """The configured FHIR server's long-lived client; 503 when there is none."""
+        if self.fhir is None:
+            self.fhir_config()  # raises the 503 that says why
+            raise ServiceError(503, "transient", "the FHIR client is not open",
+                               headers={"Retry-After": "5"})  # fmt: skip
+        return self.fhir
 
     def fhir_config(
         self, base_url: str | None = None, auth: Auth | None = None

@@ -8,26 +8,31 @@ reassuring card on every chart opened would teach clinicians to ignore the servi
 and a model validated on synthetic patients only should not reassure anyone.
 
 Cards come most urgent first. Each names its outcome in words, shows the probability,
-the thresholds, the data it was computed from and the task's test AUROC, and links the
-model card.
+the thresholds, the data it was computed from, the three events that raised it most (in
+words, dated), the task's test AUROC, and links the model card and, when given one, the
+patient's view (timeline and reasons).
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import UTC
 from typing import Any, Literal
 
 from model.artifact import Artifact, RiskThresholds
 from model.tasks import Task
-from service.cds.models import Card, Coding, Source
+from service.cds.models import Card, Coding, Link, Source
 from service.cds.services import TASK_TITLES, CdsService
+from service.explaining import TaskExplanation
 from service.scoring import DataFacts, Scored
 
 # The project has no domain of its own; URNs stay the same in every deployment, which a
 # code system must (``public_url`` would not).
 TASK_SYSTEM = "urn:ehrmamba:task"
 OVERRIDE_SYSTEM = "urn:ehrmamba:cds-override-reason"
+VIEW_LABEL = "Open the timeline and reasons"
+REASONS = 3  # contributing events a card lists
 
 OVERRIDE_REASONS: tuple[Coding, ...] = tuple(
     Coding(system=OVERRIDE_SYSTEM, code=code, display=display)
@@ -55,9 +60,18 @@ _INDICATORS: dict[str, Literal["warning", "critical"]] = {
 
 
 def cards_for(
-    service: CdsService, scored: Scored, artifact: Artifact, model_card_url: str
+    service: CdsService,
+    scored: Scored,
+    artifact: Artifact,
+    model_card_url: str,
+    view_url: str | None = None,
+    explanations: Mapping[Task, TaskExplanation] | None = None,
 ) -> list[Card]:
-    """The cards for ``scored`` under the module's rule, most urgent first."""
+    """The cards for ``scored`` under the module's rule, most urgent first; each links
+    ``view_url`` (``service.routes.view.view_link``) when there is one, and lists its
+    task's reasons when ``explanations`` is given (a task missing from it: still being
+    computed)."""
+    links = [Link(label=VIEW_LABEL, url=view_url, type="absolute")] if view_url else []
     cards: list[Card] = []
     for task in service.tasks:
         probability = scored.probabilities.get(task)
@@ -72,7 +86,9 @@ def cards_for(
             Card(
                 uuid=uuid.uuid4(),
                 summary=f"{level.capitalize()} risk of {_OUTCOMES[task]} ({probability:.2f})",
-                detail=_detail(task, probability, thresholds, scored.facts, artifact.metrics),
+                detail=_detail(
+                    task, probability, thresholds, scored.facts, artifact.metrics, explanations
+                ),
                 indicator=indicator,
                 source=Source(
                     label=f"{artifact.config.name} {artifact.version}",
@@ -80,6 +96,7 @@ def cards_for(
                     topic=Coding(system=TASK_SYSTEM, code=task.value, display=TASK_TITLES[task]),
                 ),
                 override_reasons=list(OVERRIDE_REASONS),
+                links=links,
             )
         )
     return sorted(cards, key=lambda card: card.indicator != "critical")  # stable: task order
@@ -91,6 +108,7 @@ def _detail(
     thresholds: RiskThresholds,
     facts: DataFacts,
     metrics: dict[str, Any],
+    explanations: Mapping[Task, TaskExplanation] | None,
 ) -> str:
     if thresholds.moderate < thresholds.high:
         limits = f"moderate from {thresholds.moderate:.2f}, high from {thresholds.high:.2f}"
@@ -109,6 +127,8 @@ def _detail(
         f"{cut}. "
         f"Newest record update: {newest}.",
     ]
+    if explanations is not None:  # reasons were asked for
+        lines += ["", *_reasons(explanations.get(task))]
     auroc = _test_auroc(metrics, task)
     if auroc is not None:
         lines += ["", f"Test AUROC for this task: {auroc:.2f}, on synthetic test patients."]
@@ -118,6 +138,18 @@ def _detail(
         "diagnosis. See the model card for how it was made and where it falls short.",
     ]
     return "\n".join(lines)
+
+
+def _reasons(explanation: TaskExplanation | None) -> list[str]:
+    """The events that raised the estimate most, in words; or why they are not here."""
+    if explanation is None:
+        return ["Reasons: still being computed; open the timeline, or they come with the "
+                "next card."]  # fmt: skip
+    raised = explanation.contributing(REASONS)
+    if not raised:
+        return ["Reasons: no single event in the record raised this estimate."]
+    items = [f"- {event.words}" for event in raised]
+    return ["What raised this estimate most (integrated gradients):", *items]
 
 
 def _test_auroc(metrics: dict[str, Any], task: Task) -> float | None:

@@ -151,6 +151,16 @@ class Source(CdsModel):
     topic: Coding = Field(description="The task the card is about.")
 
 
+class Link(CdsModel):
+    """A link a card offers (CDS Hooks 2.0): ``absolute`` opens ``url`` in a browser,
+    ``smart`` launches a SMART app. The spec's optional ``appContext`` (for SMART apps) is
+    left out: this service offers no SMART app, and a null there is not a string."""
+
+    label: str = Field(min_length=1)
+    url: str
+    type: Literal["absolute", "smart"]
+
+
 class Card(CdsModel):
     uuid: UUID
     summary: str = Field(max_length=139)
@@ -158,6 +168,9 @@ class Card(CdsModel):
     indicator: Literal["info", "warning", "critical"]
     source: Source
     override_reasons: list[Coding]
+    links: list[Link] = Field(
+        default_factory=list, description="The patient's view page (timeline and reasons)."
+    )
 
 
 class CardsResponse(CdsModel):

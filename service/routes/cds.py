@@ -11,6 +11,7 @@ path the REST route uses, the prediction recorded, and cards returned. The
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Request
@@ -24,6 +25,7 @@ from service.cds.jwt import JwtRejected
 from service.cds.models import CardsResponse, Discovery, FeedbackRequest, HookRequest
 from service.cds.prefetch import CdsDataError, fhir_access, gather_record
 from service.cds.services import SERVICES, CdsService, discovery
+from service.explaining import explain_within
 from service.outcomes import ServiceError
 from service.predicting import (
     Fetched,
@@ -33,6 +35,7 @@ from service.predicting import (
     score_record,
 )
 from service.routes.predict import answer_body
+from service.routes.view import view_link
 from service.schemas import FeedbackStored, errors
 from service.scoring import Scorer
 from service.state import ServiceState, get_state, ready_scorer, ready_store
@@ -74,7 +77,10 @@ async def call(
     patient_id = body.context.patient_id
     status = 200
     try:
-        async with audited(state, actor, f"cds:{service.id}", patient_id, scorer) as audit:
+        async with (
+            audited(state, actor, f"cds:{service.id}", patient_id, scorer) as audit,
+            state.admission.admit(),
+        ):
             cards = await _cards(state, scorer, service, body, audit, _public_base(state, request))
     except ServiceError as exc:
         status = exc.status
@@ -188,8 +194,16 @@ async def _cards(
     await record_prediction(state, scorer, record, f"cds:{service.id}", tasks, answer)
     observe_scores(scorer, scored)
     card_url = public_base + "/model/card"
-    return [c.model_dump(mode="json", by_alias=True)
-            for c in cards_for(service, scored, scorer.artifact, card_url)]  # fmt: skip
+    thresholds = scorer.artifact.config.thresholds
+    carded = [t for t, p in scored.probabilities.items() if thresholds[t].level(p) != "low"]
+    explained = await explain_within(
+        state, scorer, scored, record, carded, datetime.now(UTC),
+        state.settings.cds_explain_wait,
+    ) if carded else {}  # fmt: skip
+    view_url = view_link(state.settings, public_base, record.patient_id, record.source)
+    cards = cards_for(service, scored, scorer.artifact, card_url, view_url,
+                      explanations=explained or {})  # fmt: skip
+    return [c.model_dump(mode="json", by_alias=True) for c in cards]
 
 
 def _public_base(state: ServiceState, request: Request) -> str:

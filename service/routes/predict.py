@@ -9,7 +9,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query
 
-from fhir_adapter.client import FhirClient
 from fhir_adapter.references import FHIR_ID_MAX, FHIR_ID_PATTERN
 from model.tasks import Task
 from service.audit import audited
@@ -58,14 +57,17 @@ async def predict(
     the model's identity, facts about the data used, what the cache contributed, timings,
     and the id under which the prediction was recorded; with ``explain=true``, the events
     behind each score."""
-    async with audited(state, actor, "predict", patient_id, scorer) as audit:
-        _check_id(patient_id)
+    async with (
+        audited(state, actor, "predict", patient_id, scorer) as audit,
+        state.admission.admit(),
+    ):
+        check_id(patient_id)
         if forecast > state.settings.max_forecast:
             raise ServiceError(422, "invalid", f"forecast is at most {state.settings.max_forecast}")
         wanted = parse_tasks(tasks, scorer.tasks)
-        async with FhirClient(state.fhir_config()) as fhir:
-            audit.fhir_base = fhir.base_url
-            fetched = await fetch_record(state, fhir, patient_id)
+        fhir = state.fhir_client()
+        audit.fhir_base = fhir.base_url
+        fetched = await fetch_record(state, fhir, patient_id)
         scored, extra = await score_record(state, scorer, fetched, wanted, forecast)
         answer = {**answer_body(scorer, scored), **extra}
         if explain:
@@ -94,7 +96,7 @@ async def predictions(
     """The recorded predictions for this patient on the configured FHIR server, newest
     first."""
     async with audited(state, actor, "history", patient_id, None):
-        _check_id(patient_id)
+        check_id(patient_id)
         try:
             rows = await store.predictions(state.settings.fhir_base_url, patient_id, limit)
         except StoreUnavailable as exc:
@@ -112,7 +114,8 @@ async def predictions(
         }  # fmt: skip
 
 
-def _check_id(patient_id: str) -> None:
+def check_id(patient_id: str) -> None:
+    """422 for a path id that is not a FHIR id (before it reaches a FHIR URL or the cache)."""
     if len(patient_id) > FHIR_ID_MAX or not _FHIR_ID.match(patient_id):
         raise ServiceError(422, "invalid", "the patient id is not a FHIR id")
 

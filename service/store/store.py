@@ -122,9 +122,11 @@ class Store:
         """The database's kind: "sqlite" or "postgresql"."""
         return self.engine.dialect.name
 
-    async def record_prediction(self, prediction: NewPrediction) -> int:
-        """Store one prediction; its id."""
-        return await self._call(self._record_prediction, prediction)
+    async def record_prediction(
+        self, prediction: NewPrediction, audit: AuditEvent | None = None
+    ) -> int:
+        """Store one prediction, and with it (same transaction) ``audit``; its id."""
+        return await self._call(self._record_prediction, prediction, audit)
 
     async def predictions(
         self, fhir_base: str | None, patient_id: str, limit: int = 50
@@ -163,7 +165,7 @@ class Store:
         with reported(self.engine.url):
             return await anyio.to_thread.run_sync(work, *args)
 
-    def _record_prediction(self, prediction: NewPrediction) -> int:
+    def _record_prediction(self, prediction: NewPrediction, audit: AuditEvent | None) -> int:
         record = PredictionRecord(
             created_at=prediction.created_at,
             patient_id=prediction.patient_id,
@@ -179,6 +181,8 @@ class Store:
         )
         with self._sessions.begin() as session:
             session.add(record)
+            if audit is not None:
+                session.add(_audit_record(audit))
             session.flush()
             return record.id
 
@@ -234,18 +238,8 @@ class Store:
         return FeedbackResult(stored=stored, duplicates=len(items) - stored)
 
     def _audit(self, event: AuditEvent) -> None:
-        record = AuditRecord(
-            at=event.at,
-            actor=event.actor,
-            action=event.action,
-            patient_id=event.patient_id,
-            fhir_base=event.fhir_base,
-            model_version=event.model_version,
-            status=event.status,
-            outcome=event.outcome,
-        )
         with self._sessions.begin() as session:
-            session.add(record)
+            session.add(_audit_record(event))
 
     def _audit_events(self, limit: int) -> list[AuditRow]:
         query = select(AuditRecord).order_by(AuditRecord.at.desc(), AuditRecord.id.desc())
@@ -269,3 +263,16 @@ class Store:
     def _check(self) -> None:
         with self.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
+
+
+def _audit_record(event: AuditEvent) -> AuditRecord:
+    return AuditRecord(
+        at=event.at,
+        actor=event.actor,
+        action=event.action,
+        patient_id=event.patient_id,
+        fhir_base=event.fhir_base,
+        model_version=event.model_version,
+        status=event.status,
+        outcome=event.outcome,
+    )

@@ -43,7 +43,10 @@ def make_api(tmp_path: Path) -> ApiFactory:
 
     @asynccontextmanager
     async def make(**overrides: object) -> AsyncIterator[httpx.AsyncClient]:
-        defaults = {"model_path": MODEL, "database_url": f"sqlite:///{tmp_path / 'store.db'}"}
+        # Four integration steps: explanations (CDS cards ask for them) stay cheap where
+        # their accuracy is not what a test is about; tests/model/test_explain.py checks it.
+        defaults = {"model_path": MODEL, "database_url": f"sqlite:///{tmp_path / 'store.db'}",
+                    "explain_steps": 4}  # fmt: skip
         app = create_app(Settings(**{**defaults, **overrides}))  # type: ignore[arg-type]
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)

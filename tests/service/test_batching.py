@@ -98,3 +98,24 @@ async def test_a_cancelled_caller_is_skipped() -> None:
     finally:
         engine.release.set()
         await batcher.stop()
+
+
+async def test_a_lone_request_does_not_wait_for_company_that_cannot_come() -> None:
+    engine = Recorder()
+    in_progress = 1
+    batcher = MicroBatcher(engine, max_size=8, max_wait=60.0, queue_max=8,
+                           in_progress=lambda: in_progress)  # fmt: skip
+    batcher.start()
+    try:
+        # Alone: answered long before the 60 s window would end.
+        assert await asyncio.wait_for(batcher.submit(1), 10) == 10
+        # Another request in progress (still reading FHIR, say): the batch waits for it.
+        in_progress = 2
+        first = asyncio.ensure_future(batcher.submit(2))
+        await asyncio.sleep(0.2)
+        assert not first.done(), "it waits while company may still come"
+        second = asyncio.ensure_future(batcher.submit(3))
+        assert list(await asyncio.wait_for(asyncio.gather(first, second), 10)) == [20, 30]
+        assert engine.batches == [[1], [2, 3]]
+    finally:
+        await batcher.stop()

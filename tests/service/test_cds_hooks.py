@@ -5,10 +5,14 @@ anything else), and no patient identifier in logs or metrics afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -19,8 +23,11 @@ import pytest
 
 from fhir_adapter.normalize import build_timeline
 from model.artifact import load_artifact
+from model.tasks import Task
 from service.cds.client_token import ClientKey, sign_client_token
 from service.cds.services import PREFETCH
+from service.explaining import explain_scored
+from service.scoring import Scorer
 from tests.conftest import LoadedServer
 from tests.service.conftest import MODEL, ApiFactory
 from tests.support.cds import Prefetch, hook_body, prefetch_from
@@ -57,17 +64,28 @@ def client_key() -> ClientKey:
     return ClientKey.generate("ES384")
 
 
+def _cds_app(
+    make_api: ApiFactory,
+    loaded_fhir: LoadedServer,
+    client_key: ClientKey,
+    tmp_path: Path,
+    **overrides: object,
+) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+    jwks = tmp_path / "ehr-jwks.json"
+    jwks.write_bytes(orjson.dumps(client_key.public_jwks()))
+    return make_api(
+        fhir_base_url=loaded_fhir.base_url,
+        fhir_server_allow=[loaded_fhir.base_url],
+        cds_issuers=[{"iss": ISSUER, "jwks_file": str(jwks)}],
+        **overrides,
+    )
+
+
 @pytest.fixture
 async def cds(
     make_api: ApiFactory, loaded_fhir: LoadedServer, client_key: ClientKey, tmp_path: Path
 ) -> AsyncIterator[Client]:
-    jwks = tmp_path / "ehr-jwks.json"
-    jwks.write_bytes(orjson.dumps(client_key.public_jwks()))
-    async with make_api(
-        fhir_base_url=loaded_fhir.base_url,
-        fhir_server_allow=[loaded_fhir.base_url],
-        cds_issuers=[{"iss": ISSUER, "jwks_file": str(jwks)}],
-    ) as api:
+    async with _cds_app(make_api, loaded_fhir, client_key, tmp_path) as api:
         yield Client(api, client_key)
 
 
@@ -300,3 +318,61 @@ async def test_no_patient_identifier_reaches_logs_or_metrics(
     for patient in [*ids, "unknown-patient-77"]:
         assert patient not in text, patient
     assert 'route="/patients/{patient_id}/predict"' in text
+
+
+async def _carded(cds: Client, loaded_fhir: LoadedServer) -> tuple[str, list[dict[str, Any]]]:
+    """The first sample patient with patient-view cards, and its cards."""
+    for record in loaded_fhir.records:
+        full = await prefetch_from(loaded_fhir.base_url, record.patient_id)
+        response = await cds.post(f"/cds-services/{SERVICES['patient-view']}",
+                                  hook_body(record.patient_id, full))  # fmt: skip
+        assert response.status_code == 200, response.text
+        if response.json()["cards"]:
+            return record.patient_id, response.json()["cards"]
+    raise AssertionError("the sample patients must raise at least one card")
+
+
+def _reasons(card: dict[str, Any]) -> list[str]:
+    return [line[2:] for line in card["detail"].splitlines() if line.startswith("- ")]
+
+
+async def test_cards_list_the_three_events_that_raised_them_in_words(
+    make_api: ApiFactory, loaded_fhir: LoadedServer, client_key: ClientKey, tmp_path: Path
+) -> None:
+    async with _cds_app(make_api, loaded_fhir, client_key, tmp_path,
+                        cds_explain_wait=600) as api:  # fmt: skip
+        patient, cards = await _carded(Client(api, client_key), loaded_fhir)
+    async with loaded_fhir.client() as fhir:
+        record = await fhir.fetch_patient(patient)
+    scorer = Scorer(ARTIFACT)
+    now = datetime.now(UTC)
+    scored = scorer.score(build_timeline(record), scorer.tasks, 0, now)
+    direct = explain_scored(scorer, scored, scorer.tasks, now, steps=4)
+    for card in cards:
+        task = Task(card["source"]["topic"]["code"])
+        expected = [e.words for e in direct[task].contributing(3)]
+        assert "What raised this estimate most" in card["detail"]
+        assert _reasons(card) == expected
+        assert 0 < len(expected) <= 3
+        assert all(re.search(r"\(\d{4}-\d{2}-\d{2}\)$", words) for words in expected)
+
+
+async def test_reasons_too_slow_for_the_hook_follow_on_the_next_call(
+    make_api: ApiFactory, loaded_fhir: LoadedServer, client_key: ClientKey, tmp_path: Path
+) -> None:
+    async with _cds_app(make_api, loaded_fhir, client_key, tmp_path,
+                        cds_explain_wait=0) as api:  # fmt: skip
+        cds = Client(api, client_key)
+        patient, cards = await _carded(cds, loaded_fhir)
+        assert all("still being computed" in card["detail"] for card in cards)
+        assert all(_reasons(card) == [] for card in cards)
+        full = await prefetch_from(loaded_fhir.base_url, patient)
+        for _ in range(600):  # the background work lands in the cache
+            response = await cds.post(f"/cds-services/{SERVICES['patient-view']}",
+                                      hook_body(patient, full))  # fmt: skip
+            later = response.json()["cards"]
+            if all(_reasons(card) for card in later):
+                break
+            await asyncio.sleep(0.1)
+        assert [c["summary"] for c in later] == [c["summary"] for c in cards]
+        assert all(_reasons(card) for card in later), "reasons arrive once computed"

@@ -8,6 +8,7 @@ from tests.service.conftest import ApiFactory
 EXPECTED = {
     ("post", "/patients/{patient_id}/predict"): {401, 404, 422, 429, 502, 503, 504},
     ("get", "/patients/{patient_id}/predictions"): {401, 422, 503},
+    ("get", "/patients/{patient_id}/view"): set(),  # an HTML page; its errors are too
     ("get", "/cds-services"): set(),
     ("post", "/cds-services/{service_id}"): {401, 403, 404, 412, 422, 502, 503, 504},
     ("post", "/cds-services/{service_id}/feedback"): {401, 404, 422, 503},

@@ -1,0 +1,1 @@
+"""The patient view page (``GET /patients/{id}/view``): layout and HTML."""
