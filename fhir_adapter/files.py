@@ -124,10 +124,13 @@ class ExportReader:
         for resource in self.resources():
             rtype = resource["resourceType"]
             if rtype == "Medication":
-                if isinstance(resource.get("id"), str):
-                    medications[f"Medication/{resource['id']}"] = resource
-                else:  # nothing can reference it
+                key = f"Medication/{resource.get('id')}"
+                if not isinstance(resource.get("id"), str):  # nothing can reference it
                     self.stats.dropped["Medication:no_id"] += 1
+                elif key in medications:  # the first read is kept, the repeat counted
+                    self.stats.dropped["Medication:duplicate_id"] += 1
+                else:
+                    medications[key] = resource
                 continue
             pid = patient_id_of(resource)
             if pid is None:

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fhir_adapter.files import ExportReader, bundle_resources
@@ -208,6 +208,8 @@ def _accounted(reader: ExportReader, records: list[PatientRecord]) -> int:
     contents=st.lists(files, min_size=1, max_size=len(NAMES)),
     cut=st.sampled_from([None, 0.3, 0.5, 0.8, 0.95]),
 )
+# Found by CI: the same Medication in two files was kept once and counted nowhere.
+@example(contents=[[{"resourceType": "Medication", "id": "m0"}]] * 2, cut=None)
 def test_every_exported_line_is_a_resource_or_counted(
     contents: list[list[Json]], cut: float | None
 ) -> None:

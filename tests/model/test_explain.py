@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from captum.attr import IntegratedGradients
 
 from fhir_adapter.lab_bins import LabBins
 from fhir_adapter.normalize import build_timeline
@@ -22,12 +23,13 @@ from fhir_adapter.timeline import (
     Visit,
     VisitClass,
 )
-from fhir_adapter.tokenizer import TokenSequence, tokenize, truncate
+from fhir_adapter.tokenizer import TokenSequence, close_visit, tokenize, truncate, with_task_token
 from fhir_adapter.vocabulary import TokenType, Vocabulary
 from model.artifact import load_artifact
+from model.batching import collate
 from model.config import ModelConfig
 from model.engine import Engine, PatientInput
-from model.explain import DEFAULT_STEPS, Explainer, Explanation
+from model.explain import DEFAULT_STEPS, Explainer, Explanation, _probability
 from model.network import EHRMamba
 from model.tasks import Task
 from tests.support.samples import require_shared_data, synthea_records
@@ -128,6 +130,33 @@ def test_after_the_length_of_stay_cut_is_not_seen(small: EHRMamba) -> None:
     e = Explainer(small, VOCAB, None).explain(record, Task.LENGTH_OF_STAY, los_cut=cut, steps=8)
     assert [t.seen for t in e.tokens] == [i < cut for i in range(len(record))]
     assert all(t.attribution == 0.0 for t in e.tokens[cut:])
+
+
+@pytest.mark.parametrize("steps", [4, 16])
+def test_equals_captum_on_the_same_function(small: EHRMamba, steps: int) -> None:
+    """The reference: Captum's IntegratedGradients with Gauss-Legendre nodes, given the
+    same function of the input embeddings and the same baseline, per input position."""
+    record = _record(2, 6, True, seed=2)
+    explainer = Explainer(small, VOCAB, MAX_LENGTH)
+    ours = explainer.explain(record, Task.MORTALITY, steps=steps)
+    scored = close_visit(truncate(record, MAX_LENGTH), VOCAB)
+    batch, _ = collate([with_task_token(scored, VOCAB.id(Task.MORTALITY.token))])
+    with torch.no_grad():
+        x = small.input_embeddings(batch)[0]
+    baseline = explainer._baseline(x)
+    reference = (
+        IntegratedGradients(lambda inputs: _probability(small, inputs))
+        .attribute(x[None], baselines=baseline[None], n_steps=steps, method="gausslegendre")[0]
+        .sum(-1)
+        .detach()
+    )  # (l,)
+    by_position = {
+        t.input_position: t.attribution for t in ours.tokens if t.input_position is not None
+    }
+    assert sorted(by_position) == list(range(x.shape[0] - 1))  # all but the task token
+    for position, attribution in by_position.items():
+        assert attribution == pytest.approx(float(reference[position]), abs=1e-6)
+    assert float(reference[-1]) == 0.0  # the task token: x equals the baseline there
 
 
 def test_deterministic(small: EHRMamba) -> None:
