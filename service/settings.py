@@ -66,11 +66,12 @@ class Settings(BaseSettings):
         default=5, ge=1, le=50, description="Events listed per task and direction by explain=true."
     )
     cds_explain_wait: float = Field(
-        default=2.0,
+        default=0.25,
         ge=0,
         description="Seconds a CDS call waits for the reasons on its cards; beyond it the "
         "cards go out without them, and they are finished in the background for the next "
-        "call and the patient view.",
+        "call and the patient view. Small by default: a first explanation takes seconds, "
+        "and a hook must answer within the EHR's patience (p95 target 500 ms).",
     )
     public_url: str | None = Field(
         default=None,
