@@ -27,7 +27,8 @@ from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the browser helpers live with the tests that use them
-from tests.support.browser import chromium, full_page_screenshot, served  # noqa: E402
+from tests.support.browser import chromium, full_page_screenshot  # noqa: E402
+from tests.support.threaded_server import threaded_server  # noqa: E402
 
 
 def main() -> None:
@@ -51,7 +52,7 @@ def main() -> None:
             redis_url=None,
             api_keys=[],
         )
-        with served(create_app(settings)) as base, chromium() as browser:
+        with threaded_server(create_app(settings)) as base, chromium() as browser:
             link = view_link(settings, base, patient, fhir.base_url)
             assert link is not None
             print(f"Explaining patient {patient} (about a minute) ...")

@@ -6,17 +6,16 @@ what really went over the socket, and they can hold requests back to play a slow
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-import time
 from collections import Counter
+from contextlib import ExitStack
 from types import TracebackType
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+
+from tests.support.threaded_server import threaded_server
 
 GATE_LIMIT_S = 20.0  # a gated request that waits this long answers 503
 
@@ -44,20 +43,12 @@ class LocalApp:
             Route("/gate", self._gate),
             Route("/hang", self._hang),
         ]
-        config = uvicorn.Config(Starlette(routes=routes), log_level="warning",
-                                access_log=False, timeout_graceful_shutdown=1)  # fmt: skip
-        self._server = uvicorn.Server(config)
-        self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
-        self._thread = threading.Thread(target=self._server.run, args=([self._socket],))
+        self._app = Starlette(routes=routes)
+        self._stack = ExitStack()
+        self.url = ""  # set on entering
 
     def __enter__(self) -> LocalApp:
-        self._thread.start()
-        while not self._server.started:
-            if not self._thread.is_alive():
-                raise RuntimeError("the local app did not start")
-            time.sleep(0.01)
+        self.url = self._stack.enter_context(threaded_server(self._app))
         return self
 
     def __exit__(
@@ -66,9 +57,7 @@ class LocalApp:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        self._socket.close()
+        self._stack.close()
 
     async def _predict(self, request: Request) -> Response:
         patient = request.path_params["patient_id"]

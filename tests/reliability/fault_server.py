@@ -10,19 +10,17 @@ so that paging links lead back through this server.
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from types import TracebackType
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from tests.support.threaded_server import threaded_server
 
 # Called with each request and its number (from 1); an answer, or None to forward it.
 Rule = Callable[[Request, int], Awaitable[Response | None]]
@@ -42,28 +40,17 @@ class FaultServer:
         self.seen: list[str] = []  # path and query of every request, in order
         self.faults = 0  # requests a rule answered
         self._upstream: httpx.AsyncClient | None = None
-        self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))
-        self.root_url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        self.root_url = ""  # set on entering
         routes = [Route("/{path:path}", self._handle, methods=["GET"])]
-        app = Starlette(routes=routes, lifespan=self._lifespan)
-        # At exit, answers still sleeping in a rule are cancelled after a second.
-        config = uvicorn.Config(app, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=1)  # fmt: skip
-        self._server = uvicorn.Server(config)
-        # Its own thread and event loop: a stalled answer never blocks the test's loop.
-        self._thread = threading.Thread(target=self._server.run, args=([self._socket],))
+        self._app = Starlette(routes=routes, lifespan=self._lifespan)
+        self._stack = ExitStack()
 
     @property
     def base_url(self) -> str:
         return f"{self.root_url}/fhir"
 
     def __enter__(self) -> FaultServer:
-        self._thread.start()
-        while not self._server.started:
-            if not self._thread.is_alive():
-                raise RuntimeError("the fault server did not start")
-            time.sleep(0.01)
+        self.root_url = self._stack.enter_context(threaded_server(self._app))
         return self
 
     def __exit__(
@@ -72,9 +59,7 @@ class FaultServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        self._socket.close()
+        self._stack.close()
 
     @asynccontextmanager
     async def _lifespan(self, _: Starlette) -> AsyncIterator[None]:

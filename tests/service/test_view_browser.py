@@ -27,7 +27,8 @@ from service.scoring import Scorer
 from service.settings import Settings
 from tests.conftest import LoadedServer
 from tests.service.conftest import MODEL
-from tests.support.browser import chromium, full_page_screenshot, served
+from tests.support.browser import chromium, full_page_screenshot
+from tests.support.threaded_server import threaded_server
 
 STEPS = 2  # integration steps: enough to test the page, few enough to keep it quick
 FIRST, SECOND = Task.MORTALITY, Task.READMISSION
@@ -71,7 +72,7 @@ def test_the_page_in_chromium(loaded_fhir: LoadedServer, tmp_path: Path) -> None
         view_token_secret=SecretStr("browser-test"),
         explain_steps=STEPS,
     )
-    with served(create_app(settings)) as base, chromium() as browser:
+    with threaded_server(create_app(settings)) as base, chromium() as browser:
         link = view_link(settings, base, patient, loaded_fhir.base_url)
         assert link is not None
         browser.get(f"{link}&tasks={FIRST.value},{SECOND.value}")

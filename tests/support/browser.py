@@ -9,20 +9,14 @@ the docs is taken the way the test looks at the page.
 from __future__ import annotations
 
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import uvicorn
-from fastapi import FastAPI
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
-
-from fhir_adapter.local_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -33,7 +27,6 @@ CSP_RECORDER = (
     "document.addEventListener('securitypolicyviolation', function (e) {"
     "  window.__cspViolations.push(e.violatedDirective + ' ' + e.blockedURI); });"
 )
-_START_TIMEOUT_S = 120.0
 
 
 @contextmanager
@@ -66,25 +59,3 @@ def full_page_screenshot(driver: WebDriver, path: Path, width: int = 1280) -> No
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     assert driver.save_screenshot(str(path)), f"no screenshot written to {path}"
-
-
-@contextmanager
-def served(app: FastAPI) -> Iterator[str]:
-    """``app`` under uvicorn in a thread on a free loopback port, lifespan included; its
-    base URL. Stopped (and its lifespan ended) on exit."""
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            access_log=False)  # fmt: skip
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + _START_TIMEOUT_S
-    while not server.started:
-        assert thread.is_alive(), "uvicorn stopped while starting"
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
