@@ -26,7 +26,14 @@ for line in sys.stdin:
     elif what == "memory":
         held.append(b"x" * (64 << 20))
     elif what == "grandchild":
-        held.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        # Waits for the grandchild to say it is up: while Python starts it opens and closes
+        # files, and a count taken then would race with the test's second count.
+        grandchild = subprocess.Popen(
+            [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+            stdout=subprocess.PIPE,
+        )
+        grandchild.stdout.readline()
+        held.append(grandchild)
     print("ok", flush=True)
 """
 
