@@ -8,10 +8,11 @@ Behaviour a hospital integration engineer can rely on:
   is retried for POST, since a 5xx may mean the write happened (a batch of reads is
   retried like a GET).
 - A 401 drops the cached token and retries once with a fresh one.
-- An incremental patient fetch is one ``batch`` Bundle (the Patient read and the
-  ``_lastUpdated`` searches as GET entries); a server that refuses batch (4xx other than
-  401/408/429, or 501) or answers it with something that is not a batch-response is asked
-  with separate requests from then on, by this client.
+- An incremental patient fetch is one ``batch`` Bundle (the Patient read and a cheap probe
+  per type, ``fhir_adapter.changes``), then a second with the ``_lastUpdated`` searches of
+  the types that changed, if any; a server that refuses batch (4xx other than 401/408/429,
+  or 501) or answers it with something that is not a batch-response is asked with separate
+  requests from then on, by this client.
 - Every failure surfaces as one of the typed errors in ``fhir_adapter.errors``.
 """
 
@@ -33,6 +34,7 @@ from urllib.parse import quote, urlencode, urljoin, urlsplit
 import httpx
 
 from fhir_adapter.auth import Auth, NoAuth
+from fhir_adapter.changes import Probe, probe_query, read_probe
 from fhir_adapter.errors import (
     FhirError,
     FhirNotFound,
@@ -102,6 +104,9 @@ class FhirClient:
         # Whether the server takes a batch Bundle of reads: unknown until asked, False once
         # it refused one (then every fetch is made of separate requests).
         self.batch_supported: bool | None = None
+        # Whether change probes can be believed (``fhir_adapter.changes``): unknown until
+        # asked, False once an answer did not show the sort asked for.
+        self.sort_supported: bool | None = None
 
     async def __aenter__(self) -> FhirClient:
         return self
@@ -213,17 +218,51 @@ class FhirClient:
         )
 
     async def _fetch_batch(self, patient_id: str, since: datetime) -> PatientRecord | None:
-        """``fetch_patient`` as one batch Bundle: the Patient read and the searches as GET
-        entries, each search's later pages followed as usual. None (and separate requests
-        from now on) when the server does not do batch. An entry that failed fails as the
-        same request sent alone would: 404 for the Patient is ``FhirNotFound``, for a search
-        the search is gone (checked for every entry before any later page is asked for); an
-        entry the server would have us retry (429, 502-504) is sent again alone, with the
-        usual retries."""
-        urls = [f"Patient/{quote(patient_id, safe='')}"] + [
-            f"{t}?{urlencode(_patient_query(t, patient_id, since, self.config.page_size))}"
-            for t in CLINICAL_TYPES
-        ]
+        """``fetch_patient`` in batch Bundles: first the Patient read and a probe per type
+        (``fhir_adapter.changes``), then, only for the types the probes did not clear, the
+        ``_lastUpdated`` searches, each one's later pages followed as usual. Without sorting
+        (``sort_supported`` False) the read and every search go in one batch. None (and
+        separate requests from now on) when the server does not do batch."""
+        read = f"Patient/{quote(patient_id, safe='')}"
+        if self.sort_supported is False:
+            answered = await self._batch(
+                [read, *self._since_urls(CLINICAL_TYPES, patient_id, since)]
+            )
+            if answered is None:
+                return None
+            patient = await self._batch_read(*answered[0])
+            results = await asyncio.gather(*(self._batch_search(*a) for a in answered[1:]))
+            return self._patient_record(patient_id, patient, results)
+        probes = [f"{t}?{urlencode(probe_query(patient_id))}" for t in CLINICAL_TYPES]
+        answered = await self._batch([read, *probes])
+        if answered is None:
+            return None
+        patient = await self._batch_read(*answered[0])
+        pages = await asyncio.gather(*(self._batch_page(*a) for a in answered[1:]))
+        verdicts = [read_probe(page, since) for page in pages]
+        if Probe.NOT_SORTED in verdicts:
+            self._no_sort()
+        changed = [t for t, v in zip(CLINICAL_TYPES, verdicts, strict=True)
+                   if v is not Probe.UNCHANGED]  # fmt: skip
+        if not changed:
+            return self._patient_record(patient_id, patient, [])
+        answered = await self._batch(self._since_urls(changed, patient_id, since))
+        if answered is None:
+            return None
+        results = await asyncio.gather(*(self._batch_search(*a) for a in answered))
+        return self._patient_record(patient_id, patient, results)
+
+    def _since_urls(self, types: Sequence[str], patient_id: str, since: datetime) -> list[str]:
+        return [f"{t}?{urlencode(_patient_query(t, patient_id, since, self.config.page_size))}"
+                for t in types]  # fmt: skip
+
+    async def _batch(self, urls: Sequence[str]) -> list[tuple[JsonObject, int, str]] | None:
+        """GET ``urls`` (relative: reads, or searches with a query) in one batch Bundle:
+        each entry with its status and url. None (and separate requests from now on) when
+        the server does not do batch. An entry that failed fails as the same request sent
+        alone would: 404 for a read is ``FhirNotFound``, for a search the search is gone
+        (checked for every entry before any later page is asked for); an entry the server
+        would have us retry (429, 502-504) is left to the caller to send again alone."""
         bundle = {
             "resourceType": "Bundle",
             "type": "batch",
@@ -254,18 +293,26 @@ class FhirClient:
             self._no_batch("an answer that is not a batch-response for every entry")
             return None
         self.batch_supported = True
-        answered = list(zip(entries, urls, strict=True))
-        statuses = [_entry_status(entry, f"{self.base_url}/{url}") for entry, url in answered]
-        for i, ((entry, url), status) in enumerate(zip(answered, statuses, strict=True)):
-            if not 200 <= status < 300 and status not in _RETRY_STATUSES:  # before any paging
+        answered = [
+            (entry, _entry_status(entry, f"{self.base_url}/{url}"), url)
+            for entry, url in zip(entries, urls, strict=True)
+        ]
+        for entry, status, url in answered:  # before any paging
+            if not 200 <= status < 300 and status not in _RETRY_STATUSES:
                 error = _entry_error(entry, status, f"{self.base_url}/{url}")
-                raise _search_gone(error) if i and isinstance(error, FhirNotFound) else error
-        patient = await self._batch_read(entries[0], statuses[0], urls[0])
-        results = await asyncio.gather(
-            *(self._batch_search(entry, status, url)
-              for (entry, url), status in zip(answered[1:], statuses[1:], strict=True))
-        )  # fmt: skip
-        return self._patient_record(patient_id, patient, results)
+                raise (
+                    _search_gone(error) if "?" in url and isinstance(error, FhirNotFound) else error
+                )
+        return answered
+
+    def _no_sort(self) -> None:
+        if self.sort_supported is not False:
+            log.warning(
+                "the FHIR server %s did not show that it sorts by _lastUpdated: checking "
+                "for changes with _lastUpdated searches",
+                self.base_url,
+            )
+        self.sort_supported = False
 
     def _no_batch(self, why: str) -> None:
         if self.batch_supported is not False:
@@ -284,14 +331,23 @@ class FhirClient:
                                     url=f"{self.base_url}/{url}", status=status)  # fmt: skip
         return resource
 
-    async def _batch_search(self, entry: JsonObject, status: int, url: str) -> list[SearchEntry]:
-        """Every result of a successful batch entry that searched ``url``: its page, then
-        the pages its ``next`` links lead to (searched alone again, with the usual retries,
-        when the server said to retry)."""
+    async def _batch_page(self, entry: JsonObject, status: int, url: str) -> JsonObject:
+        """The searchset page of a successful batch entry that searched ``url`` (searched
+        alone again, with the usual retries, when the server said to retry)."""
         target = f"{self.base_url}/{url}"
         if status in _RETRY_STATUSES:
-            return [e async for e in self._pages(target, None, fresh=True)]
-        bundle = _search_bundle(entry.get("resource"), target)
+            try:
+                response = await self.request("GET", target, headers=_NO_CACHE)
+            except FhirNotFound as exc:
+                raise _search_gone(exc) from exc
+            return _search_bundle(_resource(response), str(response.url))
+        return _search_bundle(entry.get("resource"), target)
+
+    async def _batch_search(self, entry: JsonObject, status: int, url: str) -> list[SearchEntry]:
+        """Every result of a successful batch entry that searched ``url``: its page, then
+        the pages its ``next`` links lead to."""
+        target = f"{self.base_url}/{url}"
+        bundle = await self._batch_page(entry, status, url)
         found = list(search_entries(bundle))
         seen = {target}
         following = self._next_link(bundle, target, seen)

@@ -1,6 +1,8 @@
-"""The incremental patient fetch as one FHIR batch request, against the real FHIR server
-(sekmet-fhir takes batch): the same record as separate requests, later pages of an entry
-followed, a failed entry failing as the same request alone would, and separate requests
+"""The incremental patient fetch in FHIR batch requests, against the real FHIR server
+(sekmet-fhir takes batch and sorts): one batch of probes when nothing is new, a second with
+the searches of the types that changed, the filter for a server that does not show its
+sort; the same record as separate requests, later pages of an entry followed, a failed
+entry failing as the same request alone would, and separate requests
 for a server that refuses batch. Faults are injected only where the real server cannot
 show them on demand (a failed entry in an otherwise good answer, a refusing server)."""
 
@@ -21,6 +23,7 @@ from fhir_adapter.normalize import build_timeline
 from fhir_adapter.record import CLINICAL_TYPES, PatientRecord
 from tests.conftest import LoadedServer
 from tests.support.faults import FaultTransport, RewriteTransport, outcome
+from tests.support.fhir_writes import delete_resources, new_visit, put_resources
 from tests.support.timelines import timeline_content
 
 LONG_AGO = datetime(1900, 1, 1, tzinfo=UTC)  # "updated since then": everything
@@ -52,7 +55,17 @@ async def _watermark(loaded: LoadedServer, patient_id: str) -> datetime:
     return watermark
 
 
-async def test_an_incremental_fetch_is_one_batch_request_with_the_same_answer(
+def _sent_urls(request: httpx.Request) -> list[str]:
+    sent = json.loads(request.content)
+    assert sent["type"] == "batch"
+    return [e["request"]["url"] for e in sent["entry"]]
+
+
+def _query(url: str) -> dict[str, list[str]]:
+    return parse_qs(url.split("?", 1)[1])
+
+
+async def test_with_nothing_new_an_incremental_fetch_is_one_batch_of_probes(
     loaded_fhir: LoadedServer,
 ) -> None:
     record = loaded_fhir.records[0]
@@ -61,24 +74,102 @@ async def test_an_incremental_fetch_is_one_batch_request_with_the_same_answer(
     async with FhirClient(_config(loaded_fhir), transport=transport) as client:
         batched = await client.fetch_patient(record.patient_id, since=since)
         assert client.batch_supported is True
+        assert client.sort_supported is None, "sekmet sorts by _lastUpdated"
     (request,) = transport.requests
     assert _is_batch(request, loaded_fhir)
     assert request.headers["Cache-Control"] == "no-cache", "a server's search cache is skipped"
-    sent = json.loads(request.content)
-    assert sent["type"] == "batch"
-    urls = [e["request"]["url"] for e in sent["entry"]]
+    urls = _sent_urls(request)
     assert urls[0] == f"Patient/{record.patient_id}"
     assert [u.split("?")[0] for u in urls[1:]] == list(CLINICAL_TYPES)
     for url in urls[1:]:
-        query = parse_qs(url.split("?", 1)[1])
-        assert query["patient"] == [record.patient_id]
-        assert query["_lastUpdated"][0].startswith("gt")
+        assert _query(url) == {"patient": [record.patient_id], "_sort": ["-_lastUpdated"],
+                               "_count": ["1"]}  # fmt: skip
     async with FhirClient(_config(loaded_fhir)) as separate:
         separate.batch_supported = False
         alone = await separate.fetch_patient(record.patient_id, since=since)
     assert batched.resources == alone.resources == []
     assert batched.patient == alone.patient
     assert batched.source == alone.source == loaded_fhir.base_url
+
+
+async def test_only_the_types_that_changed_are_searched(loaded_fhir: LoadedServer) -> None:
+    """New data on the server after the watermark: the probes single out Encounter and
+    Observation, and a second batch searches those two, finding exactly the new data."""
+    record = loaded_fhir.records[2]
+    since = await _watermark(loaded_fhir, record.patient_id)
+    added = new_visit(record.patient_id, "probe-test", datetime(2030, 1, 2, tzinfo=UTC))
+    transport = FaultTransport(lambda request, n: None)
+    async with loaded_fhir.client() as writer:
+        await put_resources(writer, added)
+        try:
+            async with FhirClient(_config(loaded_fhir), transport=transport) as client:
+                delta = await client.fetch_patient(record.patient_id, since=since)
+            async with FhirClient(_config(loaded_fhir)) as separate:
+                separate.batch_supported = False
+                alone = await separate.fetch_patient(record.patient_id, since=since)
+        finally:
+            await delete_resources(writer, added)
+    probes, searches = transport.requests
+    assert len(_sent_urls(probes)) == 1 + len(CLINICAL_TYPES)
+    urls = _sent_urls(searches)
+    assert [u.split("?")[0] for u in urls] == ["Encounter", "Observation"]
+    assert all(_query(u)["_lastUpdated"][0].startswith("gt") for u in urls)
+    assert sorted((r["resourceType"], r["id"]) for r in delta.resources) == [
+        ("Encounter", "enc-probe-test"), ("Observation", "obs-probe-test")]  # fmt: skip
+    assert _content(delta) == _content(alone)
+
+
+# How a server can leave a probe unbelievable: it did not say it sorted, or it said it
+# ignored something.
+UNSORTED = {
+    "self-link-without-sort": lambda page: {**page, "link": [
+        {**link, "url": link["url"].replace("_sort=-_lastUpdated", "")}
+        for link in page.get("link", [])]},
+    "no-self-link": lambda page: {**page, "link": []},
+    "operation-outcome": lambda page: {**page, "entry": [*page.get("entry", []), {
+        "resource": {"resourceType": "OperationOutcome", "issue": [
+            {"severity": "warning", "code": "not-supported", "diagnostics": "sort ignored"}]},
+        "search": {"mode": "outcome"}}]},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("how", UNSORTED, ids=list(UNSORTED))
+async def test_a_server_that_does_not_show_its_sort_is_searched_with_the_filter(
+    loaded_fhir: LoadedServer, how: str
+) -> None:
+    """A probe that cannot be believed counts as "changed": nothing new is missed, and the
+    client asks with ``_lastUpdated`` searches from then on."""
+    record = loaded_fhir.records[0]
+    since = await _watermark(loaded_fhir, record.patient_id)
+    added = new_visit(record.patient_id, f"unsorted-{how}", datetime(2030, 1, 3, tzinfo=UTC))
+    hide = UNSORTED[how]
+
+    def unsorted(request: httpx.Request, body: Any) -> Any:
+        if request.method != "POST":
+            return None
+        for entry in body["entry"]:
+            page = entry.get("resource") or {}
+            if any("_sort" in link.get("url", "") for link in page.get("link", [])):
+                entry["resource"] = hide(page)
+        return body
+
+    transport = RewriteTransport(unsorted)
+    async with loaded_fhir.client() as writer:
+        await put_resources(writer, added)
+        try:
+            async with FhirClient(_config(loaded_fhir), transport=transport) as client:
+                delta = await client.fetch_patient(record.patient_id, since=since)
+                assert client.sort_supported is False
+                again = await client.fetch_patient(record.patient_id, since=since)
+        finally:
+            await delete_resources(writer, added)
+    _, first_searches, second = (_sent_urls(r) for r in transport.requests)
+    assert [u.split("?")[0] for u in first_searches] == list(CLINICAL_TYPES), "all searched"
+    assert second[0] == f"Patient/{record.patient_id}"
+    assert all("_lastUpdated" in _query(u) for u in second[1:]), "no probes any more"
+    for fetched in (delta, again):
+        assert sorted(r["id"] for r in fetched.resources) == [
+            f"enc-unsorted-{how}", f"obs-unsorted-{how}"]  # fmt: skip
 
 
 async def test_later_pages_of_a_batch_entry_are_followed(loaded_fhir: LoadedServer) -> None:
@@ -172,7 +263,7 @@ async def test_an_entry_to_retry_is_sent_again_alone(
     def throttle_observations(request: httpx.Request, body: Any) -> Any:
         if request.method != "POST":
             return None
-        index = 1 + CLINICAL_TYPES.index("Observation")
+        (index,) = [i for i, url in enumerate(_sent_urls(request)) if url.startswith("Observ")]
         body["entry"][index] = {"response": {"status": str(status)}}
         return body
 
@@ -180,10 +271,12 @@ async def test_an_entry_to_retry_is_sent_again_alone(
     async with FhirClient(_config(loaded_fhir), transport=transport) as client:
         batched = await client.fetch_patient(record.patient_id, since=LONG_AGO)
         whole = await client.fetch_patient(record.patient_id)
-    again = transport.requests[1]
-    assert again.method == "GET"
-    assert again.url.path == "/fhir/Observation"
-    assert "_lastUpdated" in again.url.params
+    probe_again, _, search_again = transport.requests[1:4]
+    for again in (probe_again, search_again):  # the probe, then the search, of Observation
+        assert again.method == "GET"
+        assert again.url.path == "/fhir/Observation"
+    assert probe_again.url.params["_sort"] == "-_lastUpdated"
+    assert "_lastUpdated" in search_again.url.params
     assert _content(batched) == _content(whole)
 
 

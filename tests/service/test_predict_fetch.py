@@ -111,7 +111,8 @@ async def test_new_data_reaches_a_warm_predict_through_the_batch(
                 await put_resources(writer, visit)
                 before = await _fhir_requests(api)
                 grown = await _predict(api, patient)
-                assert await _fhir_requests(api) - before == Counter({"POST": 1})
+                # one batch of probes, one of the searches of the two types that changed
+                assert await _fhir_requests(api) - before == Counter({"POST": 2})
             assert grown["cache"]["record"] == "incremental"
             assert grown["cache"]["state"] == "extended"
             assert grown["data"]["events"] > first["data"]["events"]
@@ -179,7 +180,7 @@ async def test_within_the_freshness_window_the_cached_record_answers_and_says_so
                 checked = await _predict(api, patient)
                 assert checked["cache"]["record"] == "incremental"
                 assert checked["cache"]["state"] == "extended"
-                assert (await _fhir_requests(api))["POST"] == before["POST"] + 1
+                assert (await _fhir_requests(api))["POST"] == before["POST"] + 2  # probes, searches
                 again = await _predict(api, patient)
                 assert again["cache"]["record"] == "fresh-cache", "confirmed just now"
                 assert again["data"] == checked["data"]
