@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
@@ -121,7 +122,7 @@ async def test_only_the_types_that_changed_are_searched(loaded_fhir: LoadedServe
 
 # How a server can leave a probe unbelievable: it did not say it sorted, or it said it
 # ignored something.
-UNSORTED = {
+UNSORTED: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "self-link-without-sort": lambda page: {**page, "link": [
         {**link, "url": link["url"].replace("_sort=-_lastUpdated", "")}
         for link in page.get("link", [])]},
