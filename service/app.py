@@ -94,7 +94,7 @@ def _state(settings: Settings) -> ServiceState:
     return ServiceState(
         settings=settings,
         cache=cache,
-        patients=PatientCache(cache, key, settings.cache_ttl),
+        patients=PatientCache(cache, key, settings.cache_ttl, settings.record_memo),
         verifier=ClientTokenVerifier(settings.cds_issuers, cache, settings.cds_jwt_leeway),
         admission=Admission(settings.max_in_flight),
     )

@@ -43,6 +43,9 @@ class Fetched:
     mode: str  # cold, incremental, fresh-cache or prefetch
     seconds: float
     checked_at: float | None = None  # when the FHIR server last confirmed it (epoch s)
+    # The cache entry when ``record`` is exactly the cached record (nothing new came): its
+    # timeline is in the process's memo and the entry need not be written again.
+    unchanged: CachedRecord | None = None
 
 
 async def fetch_record(state: ServiceState, fhir: FhirClient, patient_id: str) -> Fetched:
@@ -54,17 +57,30 @@ async def fetch_record(state: ServiceState, fhir: FhirClient, patient_id: str) -
     cached = await state.patients.load_record(base, patient_id)
     if cached is not None and _fresh(cached.checked_at, state.settings.fhir_freshness):
         return Fetched(cached.record, "fresh-cache", time.perf_counter() - started,
-                       cached.checked_at)  # fmt: skip
+                       cached.checked_at, unchanged=cached)  # fmt: skip
     asked = wall_clock()  # before the request: what changes after it may not be in the answer
     try:
         if cached is not None and cached.watermark is not None:
             delta = await fhir.fetch_patient(patient_id, since=cached.watermark)
+            if _adds_nothing(delta, cached.record):
+                return Fetched(cached.record, "incremental", time.perf_counter() - started,
+                               asked, unchanged=cached)  # fmt: skip
             record, mode = merge_records(cached.record, delta), "incremental"
         else:
             record, mode = await fhir.fetch_patient(patient_id), "cold"
     except FhirError as exc:
         raise fhir_failure(exc) from exc
     return Fetched(record, mode, time.perf_counter() - started, asked)
+
+
+def _adds_nothing(delta: PatientRecord, cached: PatientRecord) -> bool:
+    """Whether merging ``delta`` into ``cached`` would give ``cached`` back."""
+    return (
+        not delta.resources
+        and not delta.medications
+        and not delta.dropped
+        and delta.patient == cached.patient
+    )
 
 
 def _fresh(checked_at: float | None, freshness: float) -> bool:
@@ -106,7 +122,10 @@ async def score_record(
     what the next call needs, and return the result with its facts and timings."""
     record = fetched.record
     started = time.perf_counter()
-    timeline = build_timeline(record)
+    if fetched.unchanged is not None:
+        timeline = state.patients.memo.timeline(fetched.unchanged)
+    else:
+        timeline = build_timeline(record)
     if timeline.patient.birth_date is None:  # the tokenizer's age stream cannot start
         raise ServiceError(422, "processing", "cannot score this patient: no usable birthDate")
     now = datetime.now(UTC)
@@ -134,9 +153,13 @@ async def score_record(
         StoredScan(scored.cache, sequence_digest(sequence, scored.cache.length)),
     )  # fmt: skip
     if fetched.mode not in ("prefetch", "fresh-cache"):  # a fresh-cache record is unchanged
-        await state.patients.save_record(
-            CachedRecord(record, timeline.source.last_updated, fetched.checked_at)
-        )
+        if fetched.unchanged is None:
+            await state.patients.save_record(
+                CachedRecord(record, timeline.source.last_updated, fetched.checked_at), timeline
+            )
+        elif fetched.checked_at is not None:
+            await state.patients.save_checked(record.source, record.patient_id,
+                                              fetched.checked_at)  # fmt: skip
     timings = {
         "fetch_s": fetched.seconds,
         "tokenize_s": tokenized - started,  # normalise and tokenize

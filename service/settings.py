@@ -96,8 +96,16 @@ class Settings(BaseSettings):
     cache_max_entries: int = Field(
         default=2_000,
         ge=1,
-        description="In-process LRU size in entries (two per patient: about 0.3 MiB of scan "
-        "state and a median 0.14 MiB of record each, so 2,000 entries hold about 0.45 GiB).",
+        description="In-process LRU size in entries (three per patient: about 0.3 MiB of scan "
+        "state, a median 0.14 MiB of record and a few bytes of when it was confirmed; 2,000 "
+        "entries hold about 0.3 GiB).",
+    )
+    record_memo: int = Field(
+        default=256,
+        ge=0,
+        description="Decoded records and their timelines each process keeps (by digest of "
+        "the cached bytes), so a call whose record has not changed skips decoding and "
+        "normalising it; 0: off.",
     )
     cache_key_secret: SecretStr | None = Field(
         default=None,

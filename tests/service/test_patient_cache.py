@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from fhir_adapter.normalize import build_timeline
 from fhir_adapter.record import JsonObject, PatientRecord
+from fhir_adapter.timeline import Timeline
 from fhir_adapter.tokenizer import TokenSequence
 from model.engine import CachedScan
 from model.mamba import LayerState
@@ -97,6 +99,77 @@ async def test_entries_round_trip_and_keys_hide_the_patient(cache: Cache) -> Non
     key = patient_key(patients.secret, "http://fhir.example/r4", "pat-42", "record")
     assert "pat-42" not in key
     assert key != patient_key(secrets.token_bytes(16), "http://fhir.example/r4", "pat-42", "record")
+
+
+async def test_when_confirmed_is_kept_apart_from_the_record(cache: Cache) -> None:
+    """The record's bytes do not change when only the confirmation time does, so the
+    memo's digest of them stays valid across warm calls."""
+    patients = PatientCache(cache, secrets.token_bytes(16), ttl=60)
+    written = await patients.save_record(CachedRecord(_record([]), None, checked_at=100.0))
+    key = patient_key(patients.secret, "http://fhir.example/r4", "pat-42", "record")
+    before = await cache.get(key)
+    await patients.save_checked("http://fhir.example/r4", "pat-42", 250.5)
+    assert await cache.get(key) == before
+    loaded = await patients.load_record("http://fhir.example/r4", "pat-42")
+    assert loaded is not None
+    assert loaded.checked_at == 250.5
+    assert loaded.digest == written.digest is not None
+
+
+def _counting_builds(monkeypatch: pytest.MonkeyPatch) -> list[PatientRecord]:
+    built: list[PatientRecord] = []
+    real = build_timeline
+
+    def counting(record: PatientRecord) -> Timeline:
+        built.append(record)
+        return real(record)
+
+    monkeypatch.setattr("service.patient_cache.build_timeline", counting)
+    return built
+
+
+async def test_the_memo_skips_decoding_and_normalising_unchanged_bytes(
+    cache: Cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = _counting_builds(monkeypatch)
+    writer = PatientCache(cache, b"k" * 16, ttl=60, memo_size=4)
+    reader = PatientCache(cache, b"k" * 16, ttl=60, memo_size=4)  # another replica
+    obs = {"resourceType": "Observation", "id": "o1", "status": "final"}
+    await writer.save_record(CachedRecord(_record([obs]), None))
+    first = await reader.load_record("http://fhir.example/r4", "pat-42")
+    second = await reader.load_record("http://fhir.example/r4", "pat-42")
+    assert first is not None
+    assert second is not None
+    assert second.record is first.record, "decoded once"
+    assert reader.memo.timeline(second) is reader.memo.timeline(first)
+    assert len(built) == 1, "normalised once"
+
+    # Another replica writes a changed record: the bytes differ, so it is decoded afresh.
+    grown = _record([obs, {"resourceType": "Condition", "id": "c1"}])
+    await writer.save_record(CachedRecord(grown, None))
+    third = await reader.load_record("http://fhir.example/r4", "pat-42")
+    assert third is not None
+    assert third.record is not first.record
+    assert [r["id"] for r in third.record.resources] == ["o1", "c1"]
+    assert reader.memo.timeline(third) is not reader.memo.timeline(first)
+    assert len(built) == 2
+
+
+async def test_the_memo_is_bounded_and_can_be_off() -> None:
+    memory = MemoryCache()
+    bounded = PatientCache(memory, b"k", ttl=60, memo_size=2)
+    for i in range(5):
+        record = _record([{"resourceType": "Condition", "id": f"c{i}"}], patient_name=str(i))
+        await bounded.save_record(CachedRecord(record, None))
+    assert len(bounded.memo) == 2
+    off = PatientCache(memory, b"k", ttl=60, memo_size=0)
+    a = await off.load_record("http://fhir.example/r4", "pat-42")
+    b = await off.load_record("http://fhir.example/r4", "pat-42")
+    assert a is not None
+    assert b is not None
+    assert a.record is not b.record
+    assert a.record == b.record
+    assert len(off.memo) == 0
 
 
 async def test_a_scan_covers_only_sequences_that_start_with_its_tokens() -> None:
