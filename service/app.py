@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 
 from fhir_adapter.client import FhirClient
 from model.artifact import ArtifactError, load_artifact
+from model.onnx_step import OnnxStep
 from service import metrics
 from service.admission import Admission
 from service.batching import MicroBatcher
@@ -111,7 +112,10 @@ async def _start(state: ServiceState) -> None:
     except (ArtifactError, OSError) as exc:
         state.problems["model"] = f"model artifact unusable: {exc}"
     else:
-        scorer = Scorer(artifact)
+        step = None
+        if settings.engine_step == "onnxruntime" and artifact.onnx_step is not None:
+            step = OnnxStep(artifact.onnx_step, settings.engine_threads)
+        scorer = Scorer(artifact, step)
         state.scorer = scorer
         state.batcher = MicroBatcher(
             scorer.run,

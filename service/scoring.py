@@ -14,6 +14,7 @@ from fhir_adapter.tokenizer import TokenSequence, tokenize
 from model.artifact import Artifact
 from model.engine import CachedScan, Engine, ForecastStep, PatientInput
 from model.explain import Explainer
+from model.onnx_step import OnnxStep
 from model.tasks import Task
 
 LOS_WINDOW = timedelta(hours=24)
@@ -67,9 +68,13 @@ class Scorer:
     engine keeps no per-call state, so ``run`` may be called from a worker thread.
     """
 
-    def __init__(self, artifact: Artifact) -> None:
+    def __init__(self, artifact: Artifact, step: OnnxStep | None = None) -> None:
+        """``step``: the artifact's exported step in onnxruntime, for the one-token steps
+        (task branches, forecasts, the closing tokens); PyTorch when None. Explanations
+        always differentiate the PyTorch network (the same weights; the two agree within
+        1e-4 in probability, ``tests/model/test_engine.py``)."""
         self.artifact = artifact
-        self.engine = Engine(artifact.model, artifact.vocab)
+        self.engine = Engine(artifact.model, artifact.vocab, step)
         self.explainer = Explainer(artifact.model, artifact.vocab, artifact.config.max_length)
 
     @property

@@ -6,12 +6,14 @@ from __future__ import annotations
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from fhir_adapter.normalize import build_timeline
 from model.artifact import load_artifact
+from model.onnx_step import OnnxStep
 from model.tasks import Task
 from service.scoring import Scorer
 from tests.conftest import LoadedServer
@@ -138,3 +140,38 @@ async def test_a_corrupt_artifact_keeps_the_service_not_ready(
         assert "vocab.json" in ready.json()["reason"]
         assert (await api.get("/health/live")).status_code == 200
         assert "not ready" in _outcome(await api.post("/patients/p1/predict"), 503)
+
+
+async def test_steps_run_in_onnxruntime_unless_told_otherwise(
+    make_api: ApiFactory, loaded_fhir: LoadedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The committed artifact has an exported step; by default the service's one-token
+    steps go through it, with ``EHRMAMBA_ENGINE_STEP=pytorch`` they do not, and the answers
+    agree."""
+    runs: list[int] = []
+    real = OnnxStep.run
+
+    def counted(self: OnnxStep, *inputs: Any) -> Any:
+        runs.append(len(inputs[0]))
+        return real(self, *inputs)
+
+    monkeypatch.setattr(OnnxStep, "run", counted)
+    patient = loaded_fhir.records[0].patient_id
+    bodies = {}
+    steps = {}
+    for backend in ("onnxruntime", "pytorch"):
+        runs.clear()
+        async with make_api(fhir_base_url=loaded_fhir.base_url, engine_step=backend) as api:
+            response = await api.post(f"/patients/{patient}/predict", params={"forecast": 3})
+            assert response.status_code == 200, response.text
+            bodies[backend] = response.json()
+        steps[backend] = len(runs)
+    assert steps["onnxruntime"] >= 3, "the task branches and each forecast step"
+    assert steps["pytorch"] == 0
+    onnx, torch_ = (bodies[b] for b in ("onnxruntime", "pytorch"))
+    assert onnx["predictions"].keys() == torch_["predictions"].keys()
+    for task, answer in onnx["predictions"].items():
+        assert answer["probability"] == pytest.approx(
+            torch_["predictions"][task]["probability"], abs=1e-4
+        )
+    assert [s["token"] for s in onnx["forecast"]] == [s["token"] for s in torch_["forecast"]]
