@@ -214,7 +214,8 @@ class Engine:
         ]
         batch, _ = collate(steps)
         hidden, _ = self._step(batch, concat([state for _, _, state, _ in pairs]))
-        probs = torch.sigmoid(self.model.task_logit(hidden))
+        columns = torch.tensor([task.column for _, task, _, _ in pairs])
+        probs = torch.sigmoid(self.model.task_logit(hidden, columns))
         for (i, task, _, _), p in zip(pairs, probs.tolist(), strict=True):
             results[i][task] = float(p)
         return results

@@ -4,12 +4,13 @@ Shape letters:
     l  input length: the window, the closing tokens the engine appends, the task token
     h  hidden size          m  integration steps          a  steps run in one batch
 
-The explained function is the engine's own: F(x) = sigmoid(task_logit(hidden at the task
-token)), where x (l, h) is ``EHRMamba.input_embeddings`` of exactly the input the engine
-scores (the model's window of the record, ``[VE] [REG]`` when the current visit is open
-and the task reads a closed one, then the task token; for length of stay the window up to
-the 24 h cut, then ``[LOS]``). That is the tensor ``transformers.MambaModel`` would take as
-``inputs_embeds``: every stream (code, time, age, type, segment, visit order) is already
+The explained function is the engine's own: F(x) = sigmoid(the task's column of the
+clinical head at the task token), where x (l, h) is ``EHRMamba.input_embeddings`` of
+exactly the input the engine scores (the model's window of the record, ``[VE] [REG]`` when
+the current visit is open and the task reads a closed one, then the task token; for length
+of stay the window up to the 24 h cut, then ``[LOS]``). That is the tensor
+``transformers.MambaModel`` would take as ``inputs_embeds``: every stream (code, time, age,
+type, segment, visit order) is already
 folded into it, so one attribution per token covers all of them.
 
 IG (Sundararajan et al., 2017) from a baseline x', per token i summed over h:
@@ -180,9 +181,9 @@ class Explainer:
         with torch.no_grad():
             x = self.model.input_embeddings(batch)[0]  # (l, h)
             baseline = self._baseline(x)
-            p, p0 = _probability(self.model, torch.stack([x, baseline])).tolist()
+            p, p0 = _probability(self.model, task, torch.stack([x, baseline])).tolist()
         per_token = _integrated_gradients(
-            self.model, x, baseline, steps, max(1, batch_tokens // x.shape[0])
+            self.model, task, x, baseline, steps, max(1, batch_tokens // x.shape[0])
         )
         tokens = self._tokens(record, scored, record_at, per_token.tolist())
         total = sum(t.attribution for t in tokens)
@@ -236,18 +237,20 @@ class Explainer:
         return tuple(out)
 
 
-def _probability(model: EHRMamba, x: torch.Tensor) -> torch.Tensor:
-    """The network from its input embeddings on: blocks, final norm, the clinical head at
-    the last position (the task token). x (a, l, h) -> (a,). In grad mode the blocks run
-    the compiled scan with its compiled backward (``model.scan.compiled_scan``)."""
+def _probability(model: EHRMamba, task: Task, x: torch.Tensor) -> torch.Tensor:
+    """The network from its input embeddings on: blocks, final norm, the task's column of
+    the clinical head at the last position (the task token). x (a, l, h) -> (a,). In grad
+    mode the blocks run the compiled scan with its compiled backward
+    (``model.scan.compiled_scan``)."""
     for block in model.backbone.blocks():
         x, _, _ = block(x)
     hidden = model.backbone.norm_f(x)
-    return torch.sigmoid(model.task_logit(hidden[:, -1]))
+    columns = torch.full((x.shape[0],), task.column)
+    return torch.sigmoid(model.task_logit(hidden[:, -1], columns))
 
 
 def _integrated_gradients(
-    model: EHRMamba, x: torch.Tensor, baseline: torch.Tensor, steps: int, per_batch: int
+    model: EHRMamba, task: Task, x: torch.Tensor, baseline: torch.Tensor, steps: int, per_batch: int
 ) -> torch.Tensor:
     """IG_i (l,) for x, x' (l, h) with ``steps`` Gauss-Legendre nodes, ``per_batch`` at once.
 
@@ -265,7 +268,7 @@ def _integrated_gradients(
         alpha = alphas[start : start + per_batch].view(-1, 1, 1)  # (a, 1, 1)
         path = (baseline + alpha * delta).requires_grad_(True)  # (a, l, h)
         with torch.enable_grad():
-            probabilities = _probability(model, path)  # (a,)
+            probabilities = _probability(model, task, path)  # (a,)
             (gradient,) = torch.autograd.grad(probabilities.sum(), path)  # (a, l, h)
         w = scale[start : start + per_batch].view(-1, 1, 1)
         mean_gradient += (w * gradient).sum(0)

@@ -1,8 +1,8 @@
-"""EHRMamba: the paper's embeddings, a Mamba backbone, a forecasting head and one clinical
-head shared by all tasks.
+"""EHRMamba: the paper's embeddings, a Mamba backbone, a forecasting head and a clinical
+head read at the task token, with one output column per task.
 
 Shape letters: b batch, l sequence length, h hidden size, v vocabulary size,
-k captured positions per sequence, e Time2Vec size.
+k captured positions per sequence, e Time2Vec size, t tasks.
 
 Embeddings (paper section 2.2, appendix C.2): the concept embedding is concatenated with
 learned sinusoidal (Time2Vec) embeddings of time and age and projected back to h; token-type,
@@ -23,6 +23,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.mamba import LayerState, MambaBlock, RMSNorm
+from model.tasks import Task
 
 _WEEKS_PER_YEAR = 52.1775
 
@@ -113,8 +114,12 @@ class EHRMamba(nn.Module):
         self.embed = Embeddings(config)
         self.backbone = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # One output column per task, read at that task's token: the task token tells the
+        # scan what to look for, the column gives each task its own base rate and direction.
+        # A single shared column (DESIGN.md 4 as first written) learned one severity score
+        # for every task; see docs/results.md.
         self.clinical_head = nn.Sequential(nn.Dropout(config.dropout),
-                                           nn.Linear(config.hidden_size, 1))  # fmt: skip
+                                           nn.Linear(config.hidden_size, len(Task)))  # fmt: skip
 
     def input_embeddings(self, batch: TokenBatch) -> torch.Tensor:
         """(b, l, h): what ``MambaModel`` would receive as ``inputs_embeds``."""
@@ -148,7 +153,14 @@ class EHRMamba(nn.Module):
         logits: torch.Tensor = self.lm_head(hidden)
         return logits
 
-    def task_logit(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., h) -> (...): the clinical head's logit; sigmoid gives the probability."""
-        logit: torch.Tensor = self.clinical_head(hidden)
-        return logit.squeeze(-1)
+    def task_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., h) -> (..., t): every task's column; only the column of the task whose token
+        produced ``hidden`` means anything."""
+        logits: torch.Tensor = self.clinical_head(hidden)
+        return logits
+
+    def task_logit(self, hidden: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
+        """hidden (..., h) at task tokens, tasks (...) their ``Task.column`` -> logits (...);
+        sigmoid gives the probability."""
+        logits = self.task_logits(hidden)
+        return logits.gather(-1, tasks.unsqueeze(-1)).squeeze(-1)

@@ -1,11 +1,12 @@
 """The recurrent step as an ONNX graph, run by onnxruntime.
 
 Shape letters: b batch, L blocks, d intermediate size, K conv width, n state size,
-h hidden size, v vocabulary size.
+h hidden size, v vocabulary size, t tasks.
 
 One step takes a token (its six attribute streams, each (b,)) and every block's state
 (conv (L, b, d, K-1), ssm (L, b, d, n)) and returns the hidden vector (b, h), next-token
-logits (b, v), the clinical head's logit (b,) and the new states. Exported from a batch of
+logits (b, v), the clinical head's logits (b, t: read the column of the task whose token
+was stepped) and the new states. Exported from a batch of
 2 (an exporter can silently fix a dimension it only ever saw as 1) with the batch dimension
 dynamic, and checked against PyTorch right after export: an export that changes numbers
 without an error has happened before (issue "EHRMamba model", traps).
@@ -28,7 +29,7 @@ from model.mamba import LayerState
 from model.network import STREAMS, EHRMamba, ModelState, TokenBatch
 
 INPUTS = (*STREAMS, "conv", "ssm")
-OUTPUTS = ("hidden", "logits", "task_logit", "conv_out", "ssm_out")
+OUTPUTS = ("hidden", "logits", "task_logits", "conv_out", "ssm_out")
 
 
 class StepGraph(nn.Module):
@@ -57,7 +58,7 @@ class StepGraph(nn.Module):
         return (
             last,
             self.model.next_token_logits(last),
-            self.model.task_logit(last),
+            self.model.task_logits(last),
             torch.stack([s.conv for s in end.layers]),
             torch.stack([s.ssm for s in end.layers]),
         )

@@ -20,9 +20,14 @@ class Task(StrEnum):
     LIPID_METABOLISM = "lipid_metabolism"
 
     @property
+    def column(self) -> int:
+        """The task's place in ``TASK_TOKENS`` and its column of the clinical head."""
+        return list(Task).index(self)
+
+    @property
     def token(self) -> str:
         """The task token appended to the input (``[MOR]``, ``[LOS]``, ...)."""
-        return TASK_TOKENS[list(Task).index(self)]
+        return TASK_TOKENS[self.column]
 
 
 CONDITION_TASKS = (Task.HYPERTENSION, Task.FLUID_ELECTROLYTE, Task.LIPID_METABOLISM)

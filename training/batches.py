@@ -69,8 +69,8 @@ class TaskWindow:
 @dataclass(frozen=True)
 class WindowBatch:
     """Windows padded to (b, l); ``capture`` (b, k) the positions to branch from (-1 none);
-    per prompt (m,): its row and slot in ``capture``, its task token (m, 1), task index
-    into ``TASK_ORDER`` and float label."""
+    per prompt (m,): its row and slot in ``capture``, its task token (m, 1), ``Task.column``
+    and float label."""
 
     inputs: TokenBatch
     capture: torch.Tensor
@@ -157,7 +157,7 @@ def window_batch(windows: Sequence[TaskWindow], vocab: Vocabulary) -> WindowBatc
             slots.append(slot)
             prefix = window.sequence.prefix(prompt.position + 1)
             steps.append(with_task_token(prefix, vocab.id(prompt.task.token)).suffix(len(prefix)))
-            task_index.append(TASK_ORDER.index(prompt.task))
+            task_index.append(prompt.task.column)
             labels.append(float(prompt.label))
     task_tokens, _ = collate(steps)
     return WindowBatch(

@@ -44,4 +44,4 @@ class PromptedLogits(nn.Module):
         assert captured is not None
         states = pick_captured(captured, batch.rows, batch.slots)
         hidden, _, _ = self.model(batch.task_tokens, states)  # (m, 1, h)
-        return self.model.task_logit(hidden[:, 0])
+        return self.model.task_logit(hidden[:, 0], batch.tasks)

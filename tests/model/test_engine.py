@@ -72,7 +72,8 @@ def _separate(engine: Engine, seq: TokenSequence, task: Task) -> float:
     batch, _ = collate([with_task_token(seq, VOCAB.id(task.token))])
     with torch.no_grad():
         hidden, _, _ = engine.model(batch)
-        return float(torch.sigmoid(engine.model.task_logit(hidden[0, -1])))
+        logit = engine.model.task_logit(hidden[0, -1], torch.tensor(task.column))
+        return float(torch.sigmoid(logit))
 
 
 def _los_cut(seq: TokenSequence) -> int:
@@ -214,3 +215,22 @@ def test_forecast_steps_decode_codes_and_lab_bins() -> None:
     drug = ForecastStep("RXNORM|197361", 0.2, ())
     assert (drug.code, drug.lab_bin) == ("RXNORM|197361", None)
     assert ForecastStep("[VE]", 0.1, ()).lab_bin is None
+
+
+def test_each_task_reads_its_own_column_of_the_clinical_head(engine: Engine) -> None:
+    """With the head's weights zeroed, a task's probability is the sigmoid of its own
+    column's bias: the engine picks each task's column, whatever the order of the pairs."""
+    model = EHRMamba(engine.model.config)
+    model.load_state_dict(engine.model.state_dict())
+    head = model.clinical_head[1]
+    assert isinstance(head, torch.nn.Linear)
+    biases = torch.linspace(-2.0, 2.0, len(Task))
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(biases)
+    seq = _sequence(3, 30, True, seed=11)
+    tasks = list(reversed(Task))
+    (result,) = Engine(model, VOCAB).score([PatientInput(seq, los_cut=_los_cut(seq))], tasks)
+    assert set(result.probabilities) == set(Task)
+    for task, p in result.probabilities.items():
+        assert p == pytest.approx(float(torch.sigmoid(biases[task.column])), abs=1e-6)

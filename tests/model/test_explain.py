@@ -29,7 +29,7 @@ from model.artifact import load_artifact
 from model.batching import collate
 from model.config import ModelConfig
 from model.engine import Engine, PatientInput
-from model.explain import DEFAULT_STEPS, Explainer, Explanation, _probability
+from model.explain import DEFAULT_STEPS, Explainer, Explanation
 from model.network import EHRMamba
 from model.tasks import Task
 from tests.support.samples import require_shared_data, synthea_records
@@ -144,8 +144,16 @@ def test_equals_captum_on_the_same_function(small: EHRMamba, steps: int) -> None
     with torch.no_grad():
         x = small.input_embeddings(batch)[0]
     baseline = explainer._baseline(x)
+
+    def mortality(inputs: torch.Tensor) -> torch.Tensor:
+        """(a, l, h) -> (a,): blocks, norm, the mortality column at the task token."""
+        for block in small.backbone.blocks():
+            inputs, _, _ = block(inputs)
+        logits = small.task_logits(small.backbone.norm_f(inputs))  # (a, l, t)
+        return torch.sigmoid(logits[:, -1, Task.MORTALITY.column])
+
     reference = (
-        IntegratedGradients(lambda inputs: _probability(small, inputs))
+        IntegratedGradients(mortality)
         .attribute(x[None], baselines=baseline[None], n_steps=steps, method="gausslegendre")[0]
         .sum(-1)
         .detach()

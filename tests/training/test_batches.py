@@ -110,7 +110,7 @@ def _logits(
             hidden, _, _ = model(
                 cast(next_token_batch([with_task_token(seen, vocab.id(prompt.task.token))])[0])
             )
-            separate.append(model.task_logit(hidden[0, -1]))
+            separate.append(model.task_logit(hidden[0, -1], torch.tensor(prompt.task.column)))
     labels = batch.labels.double() if wide else batch.labels
     return PromptedLogits(model)(batch), torch.stack(separate), labels
 
