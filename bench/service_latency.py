@@ -10,8 +10,8 @@ Cases:
   and a scan from the start. Cycling through distinct patients makes every call cold
   without restarting anything.
 - ``predict_warm``: the same patients again with nothing new on the FHIR server: the record
-  is fetched incrementally (``_lastUpdated`` after the cached watermark) and the cached scan
-  state is reused.
+  is checked incrementally (one batch of change probes, ``fhir_adapter.changes``) and the
+  cached scan state is reused.
 - ``predict_warm_x8``: warm calls with 8 in flight, so the micro-batcher can score several
   patients in one engine call.
 - ``cds_first``: a ``patient-view`` hook with the whole prefetch (gathered beforehand, as an
