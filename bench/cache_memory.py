@@ -1,6 +1,6 @@
 """What one cached patient costs the cache (`ehrmamba bench cache-memory`).
 
-The service keeps two entries per patient (``service/patient_cache.py``): the raw record
+The service keeps three entries per patient (``service/patient_cache.py``): the raw record
 with its watermark, and the scan state with its token digest. Their byte sizes are what
 Redis or the in-process LRU hold, so this measures exactly those bytes, made by the
 service's own encoders from shared patients scored by the committed model. The state entry

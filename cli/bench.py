@@ -130,6 +130,19 @@ def faithfulness(
         print(bench.deletion_table(run))
 
 
+@app.command("warm-path")
+def warm_path(
+    patients: Annotated[int, typer.Option(min=2, help="Shared patients to load.")] = 60,
+    rounds: Annotated[int, typer.Option(min=1, help="Passes over them.")] = 3,
+    data: Annotated[Path, typer.Option(help="The shared data folder.")] = Path("../shared/data"),
+) -> None:
+    """The warm predict's FHIR check, record decoding and engine hit, old way beside new."""
+    from bench import warm_path as bench
+
+    measurements, others = bench.run(data, patients, rounds)
+    print(bench.table(measurements, others))
+
+
 @app.command("cache-memory")
 def cache_memory(
     patients: Annotated[int, typer.Option(min=1, help="Shared patients to cache.")] = 60,
