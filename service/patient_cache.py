@@ -149,9 +149,12 @@ class PatientCache:
     def _key(self, kind: str, fhir_base: str, patient_id: str) -> str:
         return patient_key(self.secret, fhir_base, patient_id, kind)
 
-    async def load_record(self, fhir_base: str, patient_id: str) -> CachedRecord | None:
-        """The cached record with when it was last confirmed; decoded only when its bytes
-        are not the ones this process decoded or wrote last."""
+    async def load_record(
+        self, fhir_base: str, patient_id: str, *, checked: bool = True
+    ) -> CachedRecord | None:
+        """The cached record, with when it was last confirmed where ``checked`` (a caller
+        that never trusts a confirmation, freshness 0, saves that round trip); decoded only
+        when its bytes are not the ones this process decoded or wrote last."""
         raw = await self.cache.get(self._key("record", fhir_base, patient_id))
         entry: CachedRecord | None = None
         if raw is not None:
@@ -164,10 +167,10 @@ class PatientCache:
                 if entry is not None:
                     self.memo.put(digest, entry.record, entry.watermark, None)
         metrics.CACHE_REQUESTS.labels("timeline", "hit" if entry else "miss").inc()
-        if entry is None:
-            return None
-        checked = await self.cache.get(self._key("checked", fhir_base, patient_id))
-        return replace(entry, checked_at=_decode_checked(checked))
+        if entry is None or not checked:
+            return entry
+        confirmed = await self.cache.get(self._key("checked", fhir_base, patient_id))
+        return replace(entry, checked_at=_decode_checked(confirmed))
 
     async def save_record(
         self, entry: CachedRecord, timeline: Timeline | None = None

@@ -51,14 +51,16 @@ class Fetched:
 async def fetch_record(state: ServiceState, fhir: FhirClient, patient_id: str) -> Fetched:
     """The patient's current record: the cached one brought up to date when there is one,
     else a full read; the cached one as it is while the FHIR server confirmed it less than
-    ``fhir_freshness`` seconds ago. FHIR failures become 404/502/504 ServiceErrors."""
+    ``fhir_freshness`` seconds ago. FHIR failures become 404/502/504 ServiceErrors. With
+    freshness 0 no confirmation is ever used, so none is read or written."""
     started = time.perf_counter()
-    base = fhir.base_url
-    cached = await state.patients.load_record(base, patient_id)
-    if cached is not None and _fresh(cached.checked_at, state.settings.fhir_freshness):
+    freshness = state.settings.fhir_freshness
+    cached = await state.patients.load_record(fhir.base_url, patient_id, checked=freshness > 0)
+    if cached is not None and _fresh(cached.checked_at, freshness):
         return Fetched(cached.record, "fresh-cache", time.perf_counter() - started,
                        cached.checked_at, unchanged=cached)  # fmt: skip
-    asked = wall_clock()  # before the request: what changes after it may not be in the answer
+    # Taken before the request: what changes after it may not be in the answer.
+    asked = wall_clock() if freshness > 0 else None
     try:
         if cached is not None and cached.watermark is not None:
             delta = await fhir.fetch_patient(patient_id, since=cached.watermark)

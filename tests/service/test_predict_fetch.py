@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fhir_adapter.client import FhirClient
 from service.app import create_app
+from service.cache import patient_key
 from service.settings import Settings
 from tests.conftest import LoadedServer
 from tests.reliability.fault_server import FaultServer
@@ -186,6 +187,21 @@ async def test_within_the_freshness_window_the_cached_record_answers_and_says_so
                 assert again["data"] == checked["data"]
         finally:
             await delete_resources(writer, visit)
+
+
+async def test_with_freshness_zero_no_confirmation_is_read_or_written(
+    tmp_path: Path, loaded_fhir: LoadedServer
+) -> None:
+    patient = loaded_fhir.records[0].patient_id
+    async with _served(tmp_path, fhir_base_url=loaded_fhir.base_url) as (app, api):
+        assert app.state.service.settings.fhir_freshness == 0
+        cold, warm = await _predict(api, patient), await _predict(api, patient)
+        assert (cold["cache"]["record"], warm["cache"]["record"]) == ("cold", "incremental")
+        patients = app.state.service.patients
+        base = app.state.service.fhir.base_url
+        assert await patients.cache.get(patient_key(patients.secret, base, patient, "record"))
+        confirmed = patient_key(patients.secret, base, patient, "checked")
+        assert await patients.cache.get(confirmed) is None, "a confirmation nobody would trust"
 
 
 async def test_each_call_writes_one_audit_event_with_its_prediction(
