@@ -196,9 +196,11 @@ async def explain_within(
         return cached
     if len(state.background) >= BACKGROUND_MAX:  # busy: queue nothing more
         return None
-    job = asyncio.ensure_future(explain_cached(state, scorer, scored, record, tasks, now))
+    missing = [task for task in tasks if task not in cached]  # what was found is not read again
+    job = asyncio.ensure_future(explain_cached(state, scorer, scored, record, missing, now))
     try:
-        return await asyncio.wait_for(asyncio.shield(job), wait)
+        found = {**cached, **await asyncio.wait_for(asyncio.shield(job), wait)}
+        return {task: found[task] for task in tasks if task in found}
     except TimeoutError:
         state.background.add(job)
         job.add_done_callback(_forget(state))
