@@ -18,10 +18,23 @@ from rich.progress import (
 
 app = typer.Typer(help="Benchmarks (tables, or JSON lines with --json).", no_args_is_help=True)
 
+# Options several benchmarks share, declared once.
+AsJson = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
+SharedData = Annotated[
+    Path | None,
+    typer.Option(help="The shared data folder (default: ../shared/data beside the repo)."),
+]
+
+
+def _shared(data: Path | None) -> Path:
+    from bench import stack
+
+    return data or stack.DEFAULT_DATA
+
 
 @app.command()
 def model(
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    as_json: AsJson = False,
     size: Annotated[
         list[str] | None, typer.Option(help="compact and/or paper (default: both).")
     ] = None,
@@ -57,17 +70,14 @@ def service(
         int, typer.Option(min=2, help="Distinct patients; each one's first call is cold.")
     ] = 60,
     rounds: Annotated[int, typer.Option(min=1, help="Passes over them for the warm cases.")] = 3,
-    data: Annotated[
-        Path | None,
-        typer.Option(help="The shared data folder (default: ../shared/data beside the repo)."),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    data: SharedData = None,
+    as_json: AsJson = False,
 ) -> None:
     """Predict and CDS Hooks latency over HTTP against real service and FHIR server
     processes, against the service's targets."""
-    from bench import service_latency, stack
+    from bench import service_latency
 
-    measurements = service_latency.run(data or stack.DEFAULT_DATA, patients, rounds)
+    measurements = service_latency.run(_shared(data), patients, rounds)
     if as_json:
         for measurement in measurements:
             print(service_latency.as_json(measurement))
@@ -92,7 +102,7 @@ def faithfulness(
     task: Annotated[
         list[str] | None, typer.Option(help="--sweep: tasks (default: hypertension, mortality).")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Integrated-gradients explanations: deleting the top-k attributed events against
     deleting k random ones, on the test split; or, with --sweep, steps against accuracy."""
@@ -134,24 +144,24 @@ def faithfulness(
 def warm_path(
     patients: Annotated[int, typer.Option(min=2, help="Shared patients to load.")] = 60,
     rounds: Annotated[int, typer.Option(min=1, help="Passes over them.")] = 3,
-    data: Annotated[Path, typer.Option(help="The shared data folder.")] = Path("../shared/data"),
+    data: SharedData = None,
 ) -> None:
     """The warm predict's FHIR check, record decoding and engine hit, old way beside new."""
     from bench import warm_path as bench
 
-    measurements, others = bench.run(data, patients, rounds)
+    measurements, others = bench.run(_shared(data), patients, rounds)
     print(bench.table(measurements, others))
 
 
 @app.command("cache-memory")
 def cache_memory(
     patients: Annotated[int, typer.Option(min=1, help="Shared patients to cache.")] = 60,
-    data: Annotated[Path, typer.Option(help="The shared data folder.")] = Path("../shared/data"),
+    data: SharedData = None,
 ) -> None:
     """Bytes the cache holds per patient: the record entry and the scan state entry."""
     from bench import cache_memory as bench
 
-    print(bench.table(bench.run(data, patients)))
+    print(bench.table(bench.run(_shared(data), patients)))
 
 
 @app.command()
@@ -164,11 +174,8 @@ def throughput(
     patients: Annotated[int, typer.Option(min=1, help="Shared patients to rotate over.")] = 60,
     workers: Annotated[int, typer.Option(min=1, help="ehrmamba serve --workers.")] = 1,
     timeout: Annotated[float, typer.Option(min=1, help="wrk's per-request timeout, s.")] = 30.0,
-    data: Annotated[
-        Path | None,
-        typer.Option(help="The shared data folder (default: ../shared/data beside the repo)."),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    data: SharedData = None,
+    as_json: AsJson = False,
 ) -> None:
     """Predict requests per second and latency under wrk at rising concurrency, against
     real FHIR server, service and Redis processes (needs wrk: scripts/install-load-tools)."""
@@ -179,7 +186,7 @@ def throughput(
         wrk.require_wrk()
     except RuntimeError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    records = stack.load_records(data or stack.DEFAULT_DATA, patients)
+    records = stack.load_records(_shared(data), patients)
     levels = bench.run(records, levels=tuple(connections or bench.LEVELS), seconds=seconds,
                        warmup_s=warmup, workers=workers, timeout_s=timeout)  # fmt: skip
     if as_json:
@@ -199,18 +206,15 @@ def soak(
     patients: Annotated[int, typer.Option(min=1, help="Shared patients to rotate over.")] = 60,
     workers: Annotated[int, typer.Option(min=1, help="ehrmamba serve --workers.")] = 1,
     timeout: Annotated[float, typer.Option(min=1, help="Client timeout per request, s.")] = 30.0,
-    data: Annotated[
-        Path | None,
-        typer.Option(help="The shared data folder (default: ../shared/data beside the repo)."),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    data: SharedData = None,
+    as_json: AsJson = False,
 ) -> None:
     """A steady open-loop predict load for a bounded time: errors and latency per minute,
     the service's memory and open files every minute; then an overload burst."""
     from bench import soak as bench
     from bench import stack
 
-    records = stack.load_records(data or stack.DEFAULT_DATA, patients)
+    records = stack.load_records(_shared(data), patients)
     done = bench.run(records, minutes=minutes, rate=rate, workers=workers, timeout_s=timeout,
                      burst=burst)  # fmt: skip
     print(bench.as_json(done) if as_json else bench.report(done))
