@@ -34,6 +34,10 @@ import numpy.typing as npt
 import torch
 
 CHUNK = 128  # time steps per exp() batch: keeps the (b, chunk, d, n) buffer in cache
+# The backward's parallel jobs per batch row: each walks a slice of the channels and sums
+# dB and dC (which every channel adds to) into its own partial, so no job writes what
+# another writes and no (b, d, chunk, n) intermediate is ever made.
+D_GROUPS = 32
 
 try:  # optional CUDA extra: pip install mamba-ssm (builds from source against your torch)
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -199,21 +203,20 @@ class _CompiledScan(torch.autograd.Function):
         dD_part = np.zeros((b, d), np.float32)
         A_t = A.detach().float()
         saved = _np(checkpoints)
+        groups = min(D_GROUPS, d)
         for index in reversed(range(saved.shape[1])):
             start = index * CHUNK
             stop = min(start + CHUNK, length)
             steps = stop - start
             decay = torch.exp(torch.from_numpy(delta32[:, start:stop]).unsqueeze(-1) * A_t)
-            states = np.empty((b, d, steps, n), np.float32)
-            dB_part = np.empty((b, d, steps, n), np.float32)
-            dC_part = np.empty((b, d, steps, n), np.float32)
+            dB_part = np.zeros((b, groups, steps, n), np.float32)
+            dC_part = np.zeros((b, groups, steps, n), np.float32)
             chunk_slots = slots[:, start:stop] if slots is not None else no_slots[:, :steps]
             _scan_chunk_backward(
                 decay.numpy(), u32[:, start:stop], delta32[:, start:stop], A32,
                 B32[:, start:stop], C32[:, start:stop], D32, saved[:, index],
                 dy32[:, start:stop], dh, np.ascontiguousarray(chunk_slots), dcap,
-                du[:, start:stop], ddelta[:, start:stop], dA_part, dB_part, dC_part,
-                dD_part, states,
+                du[:, start:stop], ddelta[:, start:stop], dA_part, dB_part, dC_part, dD_part,
             )  # fmt: skip
             dB[:, start:stop] = dB_part.sum(axis=1)
             dC[:, start:stop] = dC_part.sum(axis=1)
@@ -303,44 +306,49 @@ def _scan_chunk_backward(
     du: npt.NDArray[np.float32],  # (b, T, d), written
     ddelta: npt.NDArray[np.float32],  # (b, T, d), written
     dA_part: npt.NDArray[np.float32],  # (b, d, n), accumulated
-    dB_part: npt.NDArray[np.float32],  # (b, d, T, n), written (summed over d by the caller)
-    dC_part: npt.NDArray[np.float32],  # (b, d, T, n), written (summed over d by the caller)
+    dB_part: npt.NDArray[np.float32],  # (b, G, T, n), accumulated per channel group
+    dC_part: npt.NDArray[np.float32],  # (b, G, T, n), accumulated per channel group
     dD_part: npt.NDArray[np.float32],  # (b, d), accumulated
-    states: npt.NDArray[np.float32],  # (b, d, T, n), scratch
 ) -> None:
     nb, steps, nd, nn = decay.shape
-    for job in numba.prange(nb * nd):
-        bi = job // nd
-        di = job % nd
-        h = h_start[bi, di].copy()
-        for t in range(steps):  # recompute the chunk's states from its checkpoint
-            drive = delta[bi, t, di] * u[bi, t, di]
-            for ni in range(nn):
-                h[ni] = decay[bi, t, di, ni] * h[ni] + drive * B[bi, t, ni]
-                states[bi, di, t, ni] = h[ni]
-        g = dh[bi, di].copy()  # dL/dh_t, carried backwards
-        for t in range(steps - 1, -1, -1):
-            slot = slots[bi, t]
-            if slot >= 0:  # the captured state h_t is read elsewhere: add its gradient
+    groups = dB_part.shape[1]
+    per = (nd + groups - 1) // groups
+    for job in numba.prange(nb * groups):
+        bi = job // groups
+        gi = job % groups
+        states = np.empty((steps, nn), np.float32)  # one channel's chunk, reused: in cache
+        h = np.empty(nn, np.float32)
+        g = np.empty(nn, np.float32)
+        for di in range(gi * per, min(nd, (gi + 1) * per)):
+            h[:] = h_start[bi, di]
+            for t in range(steps):  # recompute the chunk's states from its checkpoint
+                drive = delta[bi, t, di] * u[bi, t, di]
                 for ni in range(nn):
-                    g[ni] += dcap[bi, slot, di, ni]
-            dyt = dy[bi, t, di]
-            ut = u[bi, t, di]
-            dl = delta[bi, t, di]
-            dD_part[bi, di] += dyt * ut
-            du_t = dyt * D[di]
-            dl_t = 0.0
-            for ni in range(nn):
-                g[ni] += dyt * C[bi, t, ni]  # y_t = C_t . h_t + D u_t
-                dC_part[bi, di, t, ni] = dyt * states[bi, di, t, ni]
-                previous = states[bi, di, t - 1, ni] if t > 0 else h_start[bi, di, ni]
-                a = decay[bi, t, di, ni]
-                da = g[ni] * previous  # h_t = a_t h_{t-1} + delta_t u_t B_t
-                dl_t += da * a * A[di, ni] + g[ni] * ut * B[bi, t, ni]
-                dA_part[bi, di, ni] += da * a * dl
-                dB_part[bi, di, t, ni] = g[ni] * dl * ut
-                du_t += g[ni] * dl * B[bi, t, ni]
-                g[ni] = g[ni] * a
-            du[bi, t, di] = du_t
-            ddelta[bi, t, di] = dl_t
-        dh[bi, di] = g
+                    h[ni] = decay[bi, t, di, ni] * h[ni] + drive * B[bi, t, ni]
+                    states[t, ni] = h[ni]
+            g[:] = dh[bi, di]  # dL/dh_t, carried backwards
+            for t in range(steps - 1, -1, -1):
+                slot = slots[bi, t]
+                if slot >= 0:  # the captured state h_t is read elsewhere: add its gradient
+                    for ni in range(nn):
+                        g[ni] += dcap[bi, slot, di, ni]
+                dyt = dy[bi, t, di]
+                ut = u[bi, t, di]
+                dl = delta[bi, t, di]
+                dD_part[bi, di] += dyt * ut
+                du_t = dyt * D[di]
+                dl_t = 0.0
+                for ni in range(nn):
+                    g[ni] += dyt * C[bi, t, ni]  # y_t = C_t . h_t + D u_t
+                    dC_part[bi, gi, t, ni] += dyt * states[t, ni]
+                    previous = states[t - 1, ni] if t > 0 else h_start[bi, di, ni]
+                    a = decay[bi, t, di, ni]
+                    da = g[ni] * previous  # h_t = a_t h_{t-1} + delta_t u_t B_t
+                    dl_t += da * a * A[di, ni] + g[ni] * ut * B[bi, t, ni]
+                    dA_part[bi, di, ni] += da * a * dl
+                    dB_part[bi, gi, t, ni] += g[ni] * dl * ut
+                    du_t += g[ni] * dl * B[bi, t, ni]
+                    g[ni] = g[ni] * a
+                du[bi, t, di] = du_t
+                ddelta[bi, t, di] = dl_t
+            dh[bi, di] = g
