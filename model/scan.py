@@ -278,10 +278,14 @@ def _scan_chunk(
         state = h[bi, di].copy()
         for t in range(steps):
             drive = delta[bi, t, di] * u[bi, t, di]
-            acc = 0.0
+            a, b_t, c_t = decay[bi, t, di], B[bi, t], C[bi, t]  # rows over n
+            # Two simple loops (an update, then a float32 reduction) rather than one: the
+            # compiler vectorises these; the fused loop ran about a quarter slower.
             for ni in range(nn):
-                state[ni] = decay[bi, t, di, ni] * state[ni] + drive * B[bi, t, ni]
-                acc += C[bi, t, ni] * state[ni]
+                state[ni] = a[ni] * state[ni] + drive * b_t[ni]
+            acc = np.float32(0.0)
+            for ni in range(nn):
+                acc += c_t[ni] * state[ni]
             y[bi, t, di] = acc + D[di] * u[bi, t, di]
             slot = slots[bi, t]
             if slot >= 0:
@@ -337,7 +341,7 @@ def _scan_chunk_backward(
                 dl = delta[bi, t, di]
                 dD_part[bi, di] += dyt * ut
                 du_t = dyt * D[di]
-                dl_t = 0.0
+                dl_t = np.float32(0.0)
                 for ni in range(nn):
                     g[ni] += dyt * C[bi, t, ni]  # y_t = C_t . h_t + D u_t
                     dC_part[bi, gi, t, ni] += dyt * states[t, ni]
