@@ -140,6 +140,23 @@ def faithfulness(
         print(bench.deletion_table(run))
 
 
+@app.command("scan-versions")
+def scan_versions(
+    against: Annotated[str, typer.Option(help="The git revision whose model/scan.py to time.")],
+    rounds: Annotated[int, typer.Option(min=2, help="Alternations (the first warms up).")] = 7,
+) -> None:
+    """The scan as it is now against another revision's, side by side in one process:
+    a 2,048-token forward and a 4 x 1,024 training step, with the largest difference."""
+    from bench import scan_versions as bench
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        comparisons = bench.run(against, repo, rounds=rounds)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    print(bench.table(comparisons))
+
+
 @app.command("warm-path")
 def warm_path(
     patients: Annotated[int, typer.Option(min=2, help="Shared patients to load.")] = 60,

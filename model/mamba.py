@@ -24,7 +24,7 @@ from torch import nn
 
 from model import scan
 from model.config import ModelConfig
-from model.scan import fast_scan, reference_scan
+from model.scan import reference_scan
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class MambaMixer(nn.Module):
         elif torch.is_grad_enabled():
             y, h, ssm_captured = scan.compiled_scan(u, delta, A, B, C, self.D, start.ssm, capture)
         else:
-            y, h, ssm_captured = fast_scan(u, delta, A, B, C, self.D, start.ssm, capture)
+            y, h, ssm_captured = scan.fast_scan(u, delta, A, B, C, self.D, start.ssm, capture)
         captured: LayerState | None = None
         if capture is not None and ssm_captured is not None:
             captured = LayerState(_conv_windows(conv_in, capture, self.kernel), ssm_captured)

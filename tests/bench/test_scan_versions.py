@@ -1,0 +1,39 @@
+"""``ehrmamba bench scan-versions``: the other revision's scan is really the one timed, both
+versions are measured in both cases, and they agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import scan_versions
+from model import scan
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_both_versions_are_timed_on_both_cases_and_agree() -> None:
+    comparisons = scan_versions.run("HEAD", REPO, tokens=64, batch=2, length=32, rounds=2)
+    assert [c.case for c in comparisons] == ["forward", "train_step"]
+    for c in comparisons:
+        assert set(c.median_s) == {"current", "HEAD"}
+        assert all(s > 0 for s in c.median_s.values())
+        assert c.runs == 1
+        assert c.max_difference < 1e-4  # any correct scan agrees with any other
+    assert "| forward | 1 x 64 |" in scan_versions.table(comparisons)
+
+
+def test_the_loaded_revision_is_what_the_model_calls_while_in_use() -> None:
+    other = scan_versions.load_revision("HEAD", REPO)
+    mine = scan.fast_scan, scan.compiled_scan
+    assert other.fast_scan is not mine[0]
+    with scan_versions.using(other):
+        assert scan.fast_scan is other.fast_scan
+        assert scan.compiled_scan is other.compiled_scan
+    assert (scan.fast_scan, scan.compiled_scan) == mine, "restored afterwards"
+
+
+def test_an_unknown_revision_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"cannot read model/scan\.py at 'no-such-rev'"):
+        scan_versions.load_revision("no-such-rev", REPO)
