@@ -224,32 +224,31 @@ class FhirClient:
         (``sort_supported`` False) the read and every search go in one batch. None (and
         separate requests from now on) when the server does not do batch."""
         read = f"Patient/{quote(patient_id, safe='')}"
-        if self.sort_supported is False:
-            answered = await self._batch(
-                [read, *self._since_urls(CLINICAL_TYPES, patient_id, since)]
-            )
-            if answered is None:
-                return None
-            patient = await self._batch_read(*answered[0])
-            results = await asyncio.gather(*(self._batch_search(*a) for a in answered[1:]))
-            return self._patient_record(patient_id, patient, results)
-        probes = [f"{t}?{urlencode(probe_query(patient_id))}" for t in CLINICAL_TYPES]
-        answered = await self._batch([read, *probes])
+        probing = self.sort_supported is not False
+        first = (
+            [f"{t}?{urlencode(probe_query(patient_id))}" for t in CLINICAL_TYPES]
+            if probing
+            else self._since_urls(CLINICAL_TYPES, patient_id, since)
+        )
+        answered = await self._batch([read, *first])
         if answered is None:
             return None
         patient = await self._batch_read(*answered[0])
-        pages = await asyncio.gather(*(self._batch_page(*a) for a in answered[1:]))
-        verdicts = [read_probe(page, since) for page in pages]
-        if Probe.NOT_SORTED in verdicts:
-            self._no_sort()
-        changed = [t for t, v in zip(CLINICAL_TYPES, verdicts, strict=True)
-                   if v is not Probe.UNCHANGED]  # fmt: skip
-        if not changed:
-            return self._patient_record(patient_id, patient, [])
-        answered = await self._batch(self._since_urls(changed, patient_id, since))
-        if answered is None:
-            return None
-        results = await asyncio.gather(*(self._batch_search(*a) for a in answered))
+        searches = answered[1:]
+        if probing:
+            pages = await asyncio.gather(*(self._batch_page(*a) for a in answered[1:]))
+            verdicts = [read_probe(page, since) for page in pages]
+            if Probe.NOT_SORTED in verdicts:
+                self._no_sort()
+            changed = [t for t, v in zip(CLINICAL_TYPES, verdicts, strict=True)
+                       if v is not Probe.UNCHANGED]  # fmt: skip
+            if not changed:
+                return self._patient_record(patient_id, patient, [])
+            filtered = await self._batch(self._since_urls(changed, patient_id, since))
+            if filtered is None:
+                return None
+            searches = filtered
+        results = await asyncio.gather(*(self._batch_search(*a) for a in searches))
         return self._patient_record(patient_id, patient, results)
 
     def _since_urls(self, types: Sequence[str], patient_id: str, since: datetime) -> list[str]:
