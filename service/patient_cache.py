@@ -8,7 +8,8 @@ whatever other modules keep beside them (``load_entry``: explanations):
   not a timeline, so an update to one resource replaces it and the timeline is rebuilt by
   the one normaliser every other path uses. Written only when the record changed, so its
   bytes stay the same while it does not; when the server last confirmed it is a small
-  entry of its own (**checked**).
+  entry of its own (**checked**), kept only where a confirmation is ever trusted
+  (``fhir_freshness`` above 0).
 - **scan**: the engine's state after the first ``length`` tokens, with a digest of those
   tokens. The next call continues from it only when its own sequence starts with exactly
   those tokens (a backdated result or a moved window changes the digest and forces a full
