@@ -15,7 +15,9 @@ Cases, compact size, random weights:
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,6 +59,7 @@ def load_revision(revision: str, repo: Path) -> ModuleType:
         detail = getattr(exc, "stderr", "") or str(exc)
         raise ValueError(f"cannot read model/scan.py at {revision!r}: {detail.strip()}") from exc
     folder = Path(tempfile.mkdtemp(prefix="scan-version-"))
+    atexit.register(shutil.rmtree, folder, True)  # the copy and numba's cache of it
     path = folder / f"scan_{abs(hash(revision)) % 10**8}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(path.stem, path)

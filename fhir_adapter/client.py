@@ -236,7 +236,7 @@ class FhirClient:
         patient = await self._batch_read(*answered[0])
         searches = answered[1:]
         if probing:
-            pages = await asyncio.gather(*(self._batch_page(*a) for a in answered[1:]))
+            pages = await asyncio.gather(*(self._batch_page(*a) for a in searches))
             verdicts = [read_probe(page, since) for page in pages]
             if Probe.NOT_SORTED in verdicts:
                 self._no_sort()

@@ -111,8 +111,9 @@ class Engine:
         self._not_forecast = mask
 
     # Inference mode, not just no_grad: no version counters or view tracking on the many
-    # small operations of an incremental score (about 8 % of it). What it returns (states,
-    # hidden vectors) must then never feed a gradient; explanations start from the tokens.
+    # small operations of an incremental score, which is bound by per-operation overhead.
+    # What it returns (states, hidden vectors) must then never feed a gradient;
+    # explanations start from the tokens.
     @torch.inference_mode()
     def score(
         self,
