@@ -1,7 +1,8 @@
 """What one cached patient costs the cache (`ehrmamba bench cache-memory`).
 
-The service keeps three entries per patient (``service/patient_cache.py``): the raw record
-with its watermark, and the scan state with its token digest. Their byte sizes are what
+The service keeps two entries per patient (``service/patient_cache.py``): the raw record
+with its watermark, and the scan state with its token digest (and a few bytes more, when
+the record was last confirmed, where ``fhir_freshness`` is above 0). Their byte sizes are what
 Redis or the in-process LRU hold, so this measures exactly those bytes, made by the
 service's own encoders from shared patients scored by the committed model. The state entry
 is the constant-cost part (its size does not depend on the record's length); the record
