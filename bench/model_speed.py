@@ -11,8 +11,10 @@ Cases (random weights; timing does not depend on them):
 - ``append_10_events``: ten new events on a cached 2,048-token state against recomputing:
   the state update alone (``ours_state_update`` vs ``ours_full_forward``), and with scoring
   six tasks (``ours_incremental`` vs ``ours_recompute``, both through the engine).
-- ``recurrent_step``: one token through the step, PyTorch against onnxruntime; and the two
-  serving cases again with the engine's single-token steps in onnxruntime (``*_onnx_steps``).
+- ``recurrent_step``: one token through the step, PyTorch against onnxruntime; and the
+  one-pass case again with the forecast's single-token steps in onnxruntime
+  (``ours_one_pass_onnx_steps``; task tokens ride in the scan, so an incremental score
+  without a forecast has no single-token steps left to move).
 - ``train_step``: forward and backward of a next-token loss, compiled backward against
   autograd through the reference loop.
 - ``compute_floor``: FLOPs of the forward over the measured matmul throughput.
@@ -205,14 +207,6 @@ def _serving_cases(model: EHRMamba, vocab: Vocabulary, quick: bool) -> Iterator[
             len(seq),
             runs,
             lambda: onnx_engine.score([one], list(Task), forecast=10),
-        )
-        yield _measure(
-            "append_10_events",
-            "ours_incremental_onnx_steps",
-            "compact",
-            10,
-            runs,
-            lambda: onnx_engine.score([cached], list(Task)),
         )
 
 

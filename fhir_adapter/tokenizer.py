@@ -97,6 +97,14 @@ class TokenSequence:
 _ARRAYS = tuple(f.name for f in fields(TokenSequence) if f.name != "truncated")
 
 
+def concatenate(parts: Sequence[TokenSequence]) -> TokenSequence:
+    """The tokens of ``parts`` one after another (the first part's ``truncated``)."""
+    if not parts:
+        raise ValueError("nothing to concatenate")
+    arrays: dict[str, Any] = {f: np.concatenate([getattr(p, f) for p in parts]) for f in _ARRAYS}
+    return replace(parts[0], **arrays)
+
+
 def tokenize(
     timeline: Timeline,
     vocab: Vocabulary,

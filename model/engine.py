@@ -8,8 +8,10 @@ For a batch of patients:
    the same scan (the end state is captured before them), because the training inputs of
    mortality, readmission and the conditions end with a closed visit (DESIGN.md 3.3).
    Length of stay reads the open visit as it trained.
-3. **Branch**: one step of the task token from the right state for every (patient, task)
-   pair, all pairs in one batch; the clinical head gives the probability.
+3. **Branch**: the task token of every (patient, task) pair, one step from the right state,
+   rides in the same scan too: each patient's row is a token tree (``model.branches``)
+   whose task tokens branch off the cut points, so scoring adds tokens, not a second call
+   of the model. The clinical head gives the probability.
 4. **Forecast**: from the end state, k steps of next-event generation (greedy, or top-p
    sampling with a seed), each with its top candidates and their probabilities.
 
@@ -25,7 +27,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fhir_adapter.tokenizer import TokenSequence, append_event, close_visit, with_task_token
+from fhir_adapter.tokenizer import (
+    TokenSequence,
+    append_event,
+    close_visit,
+    concatenate,
+    with_task_token,
+)
 from fhir_adapter.vocabulary import CLS, PAD, TASK_TOKENS, UNK, Vocabulary
 from model.batching import collate
 from model.mamba import LayerState
@@ -95,8 +103,8 @@ class Engine:
     """Scores batches of patients with one model and its vocabulary.
 
     ``onnx_step`` (the model's step exported with ``model.onnx_step.export_step``) runs the
-    single-token steps (task branches, forecasts) in onnxruntime instead of PyTorch; the
-    scan stays in PyTorch either way.
+    forecast's single-token steps in onnxruntime instead of PyTorch; the scan, task
+    branches included, stays in PyTorch either way.
     """
 
     def __init__(
@@ -130,99 +138,126 @@ class Engine:
         for item in inputs:
             if len(item.sequence) == 0:
                 raise ValueError("cannot score an empty sequence")
-        needs_close = any(task is not Task.LENGTH_OF_STAY for task in tasks)
-        scans = self._scan(inputs, Task.LENGTH_OF_STAY in tasks, needs_close)
-        probabilities = self._branch(inputs, tasks, scans)
+        scans, probabilities = self._scan(inputs, tasks)
         forecasts = self._forecast(inputs, scans, forecast, top_p, seed, candidates)
         return [
             PatientResult(probabilities[i], forecasts[i], scans[i].cache, scans[i].scanned)
             for i in range(len(inputs))
         ]
 
-    # --- 1. scan ----------------------------------------------------------------------------
+    # --- 1 to 3. one scan: new tokens, closing tokens, task-token branches ------------------
 
     def _scan(
-        self, inputs: Sequence[PatientInput], want_los: bool, needs_close: bool
-    ) -> list[_Scan]:
-        """Scan what is new for every patient in one batch. Where the current visit is open
-        and a task needs it closed, ``[VE] [REG]`` ride along at the end of the same scan,
-        so closing costs two more tokens, not another pass; the end state is captured
-        before them."""
-        plans = [_plan(item, want_los) for item in inputs]
-        scanned = [
-            close_visit(item.sequence, self.vocab) if needs_close else item.sequence
-            for item in inputs
-        ]
-        todo = [i for i, p in enumerate(plans) if p.start < len(scanned[i])]
-        fresh: dict[int, tuple[torch.Tensor | None, dict[int, ModelState]]] = {}
-        if todo:
-            batch, _ = collate([scanned[i].suffix(plans[i].start) for i in todo])
-            cuts = [plans[i].capture_cuts(len(inputs[i].sequence), len(scanned[i])) for i in todo]
-            capture = torch.full((len(todo), max(len(c) for c in cuts)), -1, dtype=torch.int64)
-            for row, (i, row_cuts) in enumerate(zip(todo, cuts, strict=True)):
-                for col, cut in enumerate(row_cuts):
-                    capture[row, col] = cut - plans[i].start - 1
-            start = concat([self._start_state(inputs[i], plans[i]) for i in todo])
-            hidden, _, captured = self.model(batch, start, capture)
-            assert captured is not None
-            for row, i in enumerate(todo):
-                picked = pick_captured(
-                    captured, torch.full((len(cuts[row]),), row), torch.arange(len(cuts[row]))
-                )
-                states = {cut: select(picked, torch.tensor([c])) for c, cut in enumerate(cuts[row])}
-                last = len(inputs[i].sequence) - plans[i].start - 1
-                fresh[i] = (hidden[row, last] if last >= 0 else None, states)
+        self, inputs: Sequence[PatientInput], tasks: Sequence[Task]
+    ) -> tuple[list[_Scan], list[dict[Task, float]]]:
+        """Scan what is new for every patient and score every (patient, task) pair, in one
+        batched call of the model.
+
+        Each patient's row holds the new tokens (with ``[VE] [REG]`` where a task needs the
+        open visit closed; the end state is captured before them), then one task token per
+        task, each a branch off its cut point's state (a token tree, ``model.branches``).
+        A length-of-stay cut that lies inside the cached part branches off the cached state
+        in a row of its own."""
+        needs_close = any(task is not Task.LENGTH_OF_STAY for task in tasks)
+        rows: list[_Row] = []
+        extra: list[_Row] = []
+        for i, item in enumerate(inputs):
+            main, own = self._rows(i, item, tasks, needs_close)
+            rows.append(main)
+            extra += own
+        every = [*rows, *extra]
+        active = [r for r, row in enumerate(every) if len(row.tokens) or row.leaves]
+        hidden, captured = self._run([every[r] for r in active])
+        batch_row = {r: position for position, r in enumerate(active)}  # every -> batch
+        probabilities: list[dict[Task, float]] = [{} for _ in inputs]
+        # Every task token: (batch row, position in it, patient, task).
+        picks = [(position, len(every[r].tokens) + j, every[r].patient, leaf.task)
+                 for position, r in enumerate(active)
+                 for j, leaf in enumerate(every[r].leaves)]  # fmt: skip
+        if picks:
+            at_row, at, patients, which = zip(*picks, strict=True)
+            columns = torch.tensor([task.column for task in which])
+            logits = self.model.task_logit(hidden[list(at_row), list(at)], columns)
+            for i, task, p in zip(patients, which, torch.sigmoid(logits).tolist(), strict=True):
+                probabilities[i][task] = float(p)
         scans: list[_Scan] = []
-        for i, (item, plan) in enumerate(zip(inputs, plans, strict=True)):
+        for i, (item, row) in enumerate(zip(inputs, rows, strict=True)):
             length = len(item.sequence)
-            end_hidden, states = fresh.get(i, (None, {}))
-            known = {**(item.cached.cut_states if item.cached and plan.start else {}), **states}
-            if plan.start and item.cached is not None:
-                known[plan.start] = item.cached.end_state
-                if plan.start == length:
-                    end_hidden = item.cached.end_hidden
+            known: dict[int, ModelState] = {}
+            end_hidden: torch.Tensor | None = None
+            if item.cached is not None and row.offset:
+                known = {**item.cached.cut_states, row.offset: item.cached.end_state}
+                end_hidden = item.cached.end_hidden
+            if i in batch_row and row.cuts:
+                r = batch_row[i]
+                assert captured is not None
+                picked = pick_captured(
+                    captured, torch.full((len(row.cuts),), r), torch.arange(len(row.cuts))
+                )
+                for slot, cut in enumerate(row.cuts):
+                    known[cut] = select(picked, torch.tensor([slot]))
+            if length > row.offset:
+                end_hidden = hidden[batch_row[i], length - row.offset - 1]
             assert end_hidden is not None
-            end_state = known[length]
-            closed = known.get(len(scanned[i]), end_state)
-            los_state = known.get(item.los_cut) if item.los_cut is not None else None
-            keep = {item.los_cut: los_state} if item.los_cut is not None and los_state else {}
-            cache = CachedScan(length, end_state, end_hidden, keep)
-            scans.append(
-                _Scan(end_state, end_hidden, los_state, closed, scanned[i], cache,
-                      length - plan.start)
-            )  # fmt: skip
-        return scans
+            los = item.los_cut
+            keep = {los: known[los]} if los is not None and los in known else {}
+            cache = CachedScan(length, known[length], end_hidden, keep)
+            scans.append(_Scan(known[length], end_hidden, cache, length - row.offset))
+        return scans, probabilities
 
-    def _start_state(self, item: PatientInput, plan: _Plan) -> ModelState:
-        if plan.start and item.cached is not None:
-            return item.cached.end_state
-        return ModelState(tuple(b.mixer.empty_state(1) for b in self.model.backbone.blocks()))
+    def _rows(
+        self, patient: int, item: PatientInput, tasks: Sequence[Task], needs_close: bool
+    ) -> tuple[_Row, list[_Row]]:
+        """The patient's row, and a row of its own for a length-of-stay branch off a cached
+        cut state."""
+        plan = _plan(item, Task.LENGTH_OF_STAY in tasks)
+        seq = item.sequence
+        scanned = close_visit(seq, self.vocab) if needs_close else seq
+        start = (
+            item.cached.end_state
+            if plan.start and item.cached is not None
+            else ModelState(tuple(b.mixer.empty_state(1) for b in self.model.backbone.blocks()))
+        )
+        leaves = [self._leaf(task, scanned) for task in tasks if task is not Task.LENGTH_OF_STAY]
+        own: list[_Row] = []
+        if plan.los_cut is not None:
+            leaf = self._leaf(Task.LENGTH_OF_STAY, seq.prefix(plan.los_cut))
+            if plan.los_cut >= plan.start:
+                leaves.append(leaf)
+            else:  # the cut state is in the cache (``_plan`` rescans when it is not)
+                assert item.cached is not None
+                cut_state = item.cached.cut_states[plan.los_cut]
+                own.append(_Row(patient, plan.los_cut, cut_state, seq.prefix(0), (), (leaf,)))
+        cuts = tuple(plan.capture_cuts(len(seq), len(scanned)))
+        main = _Row(patient, plan.start, start, scanned.suffix(plan.start), cuts, tuple(leaves))
+        return main, own
 
-    # --- 2 and 3. close the visit, then branch ---------------------------------------------
+    def _leaf(self, task: Task, prefix: TokenSequence) -> _Leaf:
+        token = with_task_token(prefix, self._task_ids[task]).suffix(len(prefix))
+        return _Leaf(task, len(prefix), token)
 
-    def _branch(
-        self, inputs: Sequence[PatientInput], tasks: Sequence[Task], scans: list[_Scan]
-    ) -> list[dict[Task, float]]:
-        pairs: list[tuple[int, Task, ModelState, TokenSequence]] = []
-        for i, (item, scan) in enumerate(zip(inputs, scans, strict=True)):
-            for task in tasks:
-                if task is not Task.LENGTH_OF_STAY:
-                    pairs.append((i, task, scan.closed_state, scan.closed_sequence))
-                elif item.los_cut is not None and scan.los_state is not None:
-                    pairs.append((i, task, scan.los_state, item.sequence.prefix(item.los_cut)))
-        results: list[dict[Task, float]] = [{} for _ in inputs]
-        if not pairs:
-            return results
-        steps = [
-            with_task_token(seq, self._task_ids[task]).suffix(len(seq)) for _, task, _, seq in pairs
-        ]
-        batch, _ = collate(steps)
-        hidden, _ = self._step(batch, concat([state for _, _, state, _ in pairs]))
-        columns = torch.tensor([task.column for _, task, _, _ in pairs])
-        probs = torch.sigmoid(self.model.task_logit(hidden, columns))
-        for (i, task, _, _), p in zip(pairs, probs.tolist(), strict=True):
-            results[i][task] = float(p)
-        return results
+    def _run(self, rows: list[_Row]) -> tuple[torch.Tensor, ModelState | None]:
+        """The model over ``rows`` as one batch of token trees: hidden (R, W, h) and the
+        states at every row's cuts (R, k, ...), or None where there are none."""
+        if not rows:
+            return torch.zeros(0, 0, self.model.config.hidden_size), None
+        batch, _ = collate([row.sequence() for row in rows])
+        width = batch.concept.shape[1]
+        parent = torch.arange(-1, width - 1).repeat(len(rows), 1)
+        capture = torch.full((len(rows), max(len(row.cuts) for row in rows)), -1)
+        for r, row in enumerate(rows):
+            for j, leaf in enumerate(row.leaves):
+                parent[r, len(row.tokens) + j] = leaf.at - row.offset - 1
+            for slot, cut in enumerate(row.cuts):
+                capture[r, slot] = cut - row.offset - 1
+        branching = any(row.leaves for row in rows)
+        hidden, _, captured = self.model(
+            batch,
+            concat([row.start for row in rows]),
+            capture if capture.shape[1] else None,
+            parent if branching else None,
+        )
+        return hidden, captured
 
     # --- 4. forecast ------------------------------------------------------------------------
 
@@ -297,12 +332,35 @@ class _Plan:
 
 
 @dataclass(frozen=True)
+class _Leaf:
+    """A task token branching off the state after the first ``at`` tokens."""
+
+    task: Task
+    at: int
+    token: TokenSequence  # one token, with its prefix's time and age
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One row of the scan: ``tokens`` continue ``start``, the state after the first
+    ``offset`` tokens; the states at ``cuts`` (prefix lengths) are captured; then each
+    leaf's task token branches off its cut."""
+
+    patient: int
+    offset: int
+    start: ModelState
+    tokens: TokenSequence
+    cuts: tuple[int, ...]
+    leaves: tuple[_Leaf, ...]
+
+    def sequence(self) -> TokenSequence:
+        return concatenate([self.tokens, *(leaf.token for leaf in self.leaves)])
+
+
+@dataclass(frozen=True)
 class _Scan:
     end_state: ModelState
     end_hidden: torch.Tensor
-    los_state: ModelState | None
-    closed_state: ModelState  # after [VE] [REG] where the visit was open, else end_state
-    closed_sequence: TokenSequence
     cache: CachedScan
     scanned: int
 
@@ -311,6 +369,8 @@ def _plan(item: PatientInput, want_los: bool) -> _Plan:
     """Continue from the cache when it covers every cut point that lies before its end."""
     los_cut = item.los_cut if want_los else None
     cached = item.cached
+    if los_cut is not None and los_cut < 1:  # no prefix to branch off
+        los_cut = None
     if cached is None or cached.length > len(item.sequence) or cached.length == 0:
         return _Plan(0, los_cut)
     if los_cut is not None and los_cut < cached.length and los_cut not in cached.cut_states:

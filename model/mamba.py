@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import scan
+from model.branches import Branches
 from model.config import ModelConfig
 from model.scan import reference_scan
 
@@ -86,16 +87,18 @@ class MambaMixer(nn.Module):
         x: torch.Tensor,
         state: LayerState | None = None,
         capture: torch.Tensor | None = None,
+        branches: Branches | None = None,
     ) -> tuple[torch.Tensor, LayerState, LayerState | None]:
         """x (b, l, h) -> (out (b, l, h), state after the last step, captured states).
 
         ``capture`` (b, k) asks for the state after position t of each row (-1: none); it
         gives LayerState(conv (b, k, d, K-1), ssm (b, k, d, n)), differentiable in
-        training (the state a task token's branch starts from).
+        training (the state a task token's branch starts from). ``branches`` makes each row
+        a token tree (``model.branches``); states are then those along each token's path.
         """
         b = x.shape[0]
         start = state or self.empty_state(b, x.device)
-        if x.shape[1] == 1 and capture is None:
+        if x.shape[1] == 1 and capture is None:  # a one-token row is never a tree
             return self._step(x, start)
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, d) each
         # Causal depthwise conv, time-major: K shifted multiply-adds over contiguous (l, d)
@@ -106,26 +109,42 @@ class MambaMixer(nn.Module):
         conv = conv_in[:, :length] * weight[:, 0]
         for k in range(1, self.kernel):
             conv = conv + conv_in[:, k : k + length] * weight[:, k]
+        if branches is not None and branches.rows.numel():  # tokens off the plain chain
+            rows = branches.rows.to(x.device)
+            window = conv_in[rows.unsqueeze(1), branches.off_windows.to(x.device)]  # (m, K, d)
+            conv[rows, branches.positions.to(x.device)] = (window * weight.t()).sum(1)
         if self.conv1d.bias is not None:
             conv = conv + self.conv1d.bias
         u = F.silu(conv)  # (b, l, d)
         delta, B, C = self._selection(u)
         A = -torch.exp(self.A_log.float())  # (d, n)
         ssm_captured: torch.Tensor | None = None
-        if x.is_cuda and state is None and capture is None and scan.cuda_scan is not None:
+        parent = branches.parent if branches is not None else None
+        plain = state is None and capture is None and parent is None
+        if x.is_cuda and plain and scan.cuda_scan is not None:
             y, h = scan.cuda_scan(u, delta, A, B, C, self.D)
-        elif x.device.type != "cpu":
-            y, h, ssm_captured = reference_scan(u, delta, A, B, C, self.D, start.ssm, capture)
+        elif x.device.type != "cpu" or (torch.is_grad_enabled() and parent is not None):
+            # Trees with gradients (nothing trains on them yet) take the reference path.
+            y, h, ssm_captured = reference_scan(
+                u, delta, A, B, C, self.D, start.ssm, capture, parent
+            )
         elif torch.is_grad_enabled():
             y, h, ssm_captured = scan.compiled_scan(u, delta, A, B, C, self.D, start.ssm, capture)
         else:
-            y, h, ssm_captured = scan.fast_scan(u, delta, A, B, C, self.D, start.ssm, capture)
+            y, h, ssm_captured = scan.fast_scan(
+                u, delta, A, B, C, self.D, start.ssm, capture, parent
+            )
         captured: LayerState | None = None
         if capture is not None and ssm_captured is not None:
-            captured = LayerState(_conv_windows(conv_in, capture, self.kernel), ssm_captured)
+            windows = _conv_windows(conv_in, capture, branches, self.kernel)
+            captured = LayerState(windows, ssm_captured)
         out = self.out_proj((y * F.silu(z)).to(x.dtype))
-        end = LayerState(conv_in[:, length:].transpose(1, 2), h)
-        return out, end, captured
+        if branches is None:
+            end_conv = conv_in[:, length:].transpose(1, 2)
+        else:  # the last token's path, which need not be the row's last K-1 inputs
+            last = torch.full((b, 1), length - 1, dtype=torch.int64, device=x.device)
+            end_conv = _conv_windows(conv_in, last, branches, self.kernel)[:, 0]
+        return out, LayerState(end_conv, h), captured
 
     def _selection(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The input-dependent SSM parameters: delta (..., d), B (..., n), C (..., n)."""
@@ -153,17 +172,24 @@ class MambaMixer(nn.Module):
         return out, LayerState(window[:, :, 1:], h), None
 
 
-def _conv_windows(conv_in: torch.Tensor, capture: torch.Tensor, kernel: int) -> torch.Tensor:
+def _conv_windows(
+    conv_in: torch.Tensor, capture: torch.Tensor, branches: Branches | None, kernel: int
+) -> torch.Tensor:
     """The conv state after each captured position: the K-1 inputs ending there.
 
-    conv_in (b, K-1+l, d) holds the saved K-1 inputs then the new ones, so the window
-    after position t is conv_in[:, t+1 : t+K]. Returns (b, k, d, K-1).
+    conv_in (b, K-1+l, d) holds the saved K-1 inputs then the new ones, so along a plain
+    sequence the window after position t is conv_in[:, t+1 : t+K]; in a token tree it
+    follows the token's path (``Branches.windows``). capture (b, k), -1 for none.
+    Returns (b, k, d, K-1).
     """
     b, k = capture.shape
-    offsets = torch.arange(1, kernel, device=conv_in.device)  # (K-1,)
-    index = capture.clamp(min=0).unsqueeze(-1) + offsets  # (b, k, K-1)
-    rows = torch.arange(b, device=conv_in.device).view(b, 1, 1)
-    windows = conv_in[rows, index]  # (b, k, K-1, d)
+    rows = torch.arange(b, device=conv_in.device).view(b, 1)
+    if branches is not None:
+        index = branches.windows.to(conv_in.device)[rows, capture.clamp(min=0), 1:]
+    else:
+        offsets = torch.arange(1, kernel, device=conv_in.device)  # (K-1,)
+        index = capture.clamp(min=0).unsqueeze(-1) + offsets  # (b, k, K-1)
+    windows = conv_in[rows.unsqueeze(-1), index]  # (b, k, K-1, d)
     return windows.transpose(2, 3) * (capture >= 0).view(b, k, 1, 1)
 
 
@@ -180,6 +206,7 @@ class MambaBlock(nn.Module):
         x: torch.Tensor,
         state: LayerState | None = None,
         capture: torch.Tensor | None = None,
+        branches: Branches | None = None,
     ) -> tuple[torch.Tensor, LayerState, LayerState | None]:
-        out, end, captured = self.mixer(self.norm(x), state, capture)
+        out, end, captured = self.mixer(self.norm(x), state, capture, branches)
         return x.float() + out, end, captured

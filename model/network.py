@@ -21,6 +21,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from model.branches import Branches
 from model.config import ModelConfig
 from model.mamba import LayerState, MambaBlock, RMSNorm
 from model.tasks import Task
@@ -131,17 +132,22 @@ class EHRMamba(nn.Module):
         batch: TokenBatch,
         state: ModelState | None = None,
         capture: torch.Tensor | None = None,
+        parent: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ModelState, ModelState | None]:
         """Hidden states (b, l, h) after the final norm, the end state, captured states.
 
         Starting from ``state`` continues a sequence scanned earlier (continue-from-state;
         one token is the recurrent step). ``capture`` (b, k): see ``MambaMixer.forward``.
+        ``parent`` (b, l) makes each row a token tree (``model.branches``): how the engine
+        scores several task tokens, each branching off the same state, in the scan that
+        reaches that state.
         """
         x = self.input_embeddings(batch)
+        branches = Branches.of(parent, self.config.conv_kernel) if parent is not None else None
         ends: list[LayerState] = []
         captured: list[LayerState] = []
         for i, block in enumerate(self.backbone.blocks()):
-            x, end, cap = block(x, state.layers[i] if state else None, capture)
+            x, end, cap = block(x, state.layers[i] if state else None, capture, branches)
             ends.append(end)
             if cap is not None:
                 captured.append(cap)

@@ -19,7 +19,9 @@ section 2 and the simplified B of its appendix):
   chunk of steps, then runs the recurrence over that chunk in a compiled loop (numba, one
   parallel task per (batch, channel)). It also returns the state after any requested
   positions ("captures"), which is how the engine gets the state at each task's cut point
-  from one pass, and why right-padding never disturbs a state that is used.
+  from one pass, and why right-padding never disturbs a state that is used. A row can be a
+  token tree (``parent``, see ``model.branches``): a branching step loads the state it
+  continues from a capture slot.
 Training uses ``compiled_scan``: the same forward, plus a compiled backward that
 recomputes each chunk's states from a checkpoint and runs the reverse recurrence.
 """
@@ -77,18 +79,27 @@ def reference_scan(
     D: torch.Tensor,
     h0: torch.Tensor | None = None,
     capture: torch.Tensor | None = None,
+    parent: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Differentiable scan. u, delta: (b, l, d); A: (d, n); B, C: (b, l, n); D: (d,);
     h0: (b, d, n) or None for zeros; capture (b, k): positions t whose state (after step t)
-    to return, -1 for none. Returns y (b, l, d), the last state (b, d, n) and the captured
-    states (b, k, d, n) (zeros at -1), or None without ``capture``."""
+    to return, -1 for none; parent (b, l): the position each step continues from (a token
+    tree, ``model.branches``), None for plain sequences. Returns y (b, l, d), the state
+    after the last step (b, d, n) and the captured states (b, k, d, n) (zeros at -1), or
+    None without ``capture``."""
     b, length, d = u.shape
     n = A.shape[1]
     h = h0 if h0 is not None else u.new_zeros(b, d, n)
+    start = h
     decay = torch.exp(delta.unsqueeze(-1) * A)  # (b, l, d, n)
     drive = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # (b, l, d, n)
-    ys, hs = [], []
+    ys: list[torch.Tensor] = []
+    hs: list[torch.Tensor] = []
     for t in range(length):
+        if parent is not None:  # each row's step continues its parent's state
+            h = torch.stack(
+                [hs[p][r] if p >= 0 else start[r] for r, p in enumerate(parent[:, t].tolist())]
+            )
         h = decay[:, t] * h + drive[:, t]
         hs.append(h)
         ys.append(torch.einsum("bdn,bn->bd", h, C[:, t]))
@@ -110,10 +121,12 @@ def fast_scan(
     D: torch.Tensor,
     h0: torch.Tensor | None = None,
     capture: torch.Tensor | None = None,
+    parent: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Compiled scan, no gradients. Shapes as ``reference_scan``; ``capture`` (b, k) holds
-    positions t (state after step t; -1 for none). Returns y (b, l, d), last state (b, d, n)
-    and the captured states (b, k, d, n), zeros where the position was -1."""
+    positions t (state after step t; -1 for none); ``parent`` (b, l) makes each row a token
+    tree. Returns y (b, l, d), the state after the last step (b, d, n) and the captured
+    states (b, k, d, n), zeros where the position was -1."""
     with torch.no_grad():
         b, length, d = u.shape
         n = A.shape[1]
@@ -123,10 +136,13 @@ def fast_scan(
         D32 = _np(D)
         h = _np(h0).copy() if h0 is not None else np.zeros((b, d, n), dtype=np.float32)
         y = np.empty((b, length, d), dtype=np.float32)
-        none = torch.zeros(b, 0, dtype=torch.int64)
-        slots = _slots(capture if capture is not None else none, b, length)
-        k = capture.shape[1] if capture is not None else 0
-        captured = np.zeros((b, max(k, 1), d, n), dtype=np.float32)
+        asked = capture.cpu().numpy() if capture is not None else np.zeros((b, 0), np.int64)
+        k = asked.shape[1]
+        wanted, load, from_start = _branch_sources(asked, parent, length)
+        slots = _slots(wanted, b, length)
+        captured = np.zeros((b, max(wanted.shape[1], 1), d, n), dtype=np.float32)
+        for row, slot in from_start:  # branches off the start state read it from a slot
+            captured[row, slot] = h[row]
         A_t = A.detach().float()
         delta_t = torch.from_numpy(delta32)
         buffer = torch.empty(b, min(CHUNK, length), d, n)  # reused: exp(delta * A) per chunk
@@ -138,7 +154,7 @@ def fast_scan(
             _scan_chunk(
                 decay.numpy(), u32[:, start:stop], delta32[:, start:stop],
                 B32[:, start:stop], C32[:, start:stop], D32, h, y[:, start:stop],
-                slots[:, start:stop], captured,
+                slots[:, start:stop], load[:, start:stop], captured,
             )  # fmt: skip
         out_captured = torch.from_numpy(captured[:, :k]) if capture is not None else None
         return torch.from_numpy(y), torch.from_numpy(h), out_captured
@@ -192,7 +208,7 @@ class _CompiledScan(torch.autograd.Function):
         u32, delta32, B32, C32 = _np(u), _np(delta), _np(B), _np(C)
         A32, D32, dy32 = _np(A), _np(D), _np(dy)
         dh = _np(dh_last).copy() if dh_last is not None else np.zeros((b, d, n), np.float32)
-        slots = _slots(capture, b, length) if dcaptured is not None else None
+        slots = _slots(capture.cpu().numpy(), b, length) if dcaptured is not None else None
         dcap = _np(dcaptured) if dcaptured is not None else np.zeros((b, 1, d, n), np.float32)
         no_slots = np.full((b, CHUNK), -1, dtype=np.int64)
         du = np.empty((b, length, d), np.float32)
@@ -245,13 +261,47 @@ def compiled_scan(
     return y, h, captured if capture is not None else None
 
 
-def _slots(capture: torch.Tensor, b: int, length: int) -> npt.NDArray[np.int64]:
+def _slots(capture: npt.NDArray[np.int64], b: int, length: int) -> npt.NDArray[np.int64]:
     """(b, k) capture positions -> (b, l) slot index at each position, -1 where none."""
     slots = np.full((b, length), -1, dtype=np.int64)
-    positions = capture.cpu().numpy().astype(np.int64)
+    positions = capture.astype(np.int64)
     for row, col in zip(*np.nonzero(positions >= 0), strict=True):
         slots[row, positions[row, col]] = col
     return slots
+
+
+def _branch_sources(
+    capture: npt.NDArray[np.int64], parent: torch.Tensor | None, length: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], list[tuple[int, int]]]:
+    """Where each branching step reads the state it continues: a capture slot.
+
+    capture (b, k) positions; parent (b, l) or None. Returns the capture positions with the
+    branch sources not already among them appended (b, k + s; -1 pads), ``load`` (b, l):
+    the slot a step starts from, -1 where it continues the step before, and the (row, slot)
+    pairs whose source is the start state (position -1, which no step writes: the caller
+    fills them)."""
+    b = capture.shape[0]
+    load = np.full((b, length), -1, dtype=np.int64)
+    if parent is None:
+        return capture, load, []
+    par = parent.cpu().numpy()
+    extra: list[list[int]] = [[] for _ in range(b)]
+    for row, t in zip(*np.nonzero(par != np.arange(length) - 1), strict=True):
+        source = int(par[row, t])
+        asked = np.flatnonzero(capture[row] == source) if source >= 0 else np.zeros(0, np.int64)
+        if len(asked):
+            load[row, t] = asked[0]
+            continue
+        if source not in extra[row]:
+            extra[row].append(source)
+        load[row, t] = capture.shape[1] + extra[row].index(source)
+    width = max(len(e) for e in extra)
+    added = np.full((b, width), -1, dtype=np.int64)
+    from_start: list[tuple[int, int]] = []
+    for row, sources in enumerate(extra):
+        added[row, : len(sources)] = sources
+        from_start += [(row, capture.shape[1] + i) for i, s in enumerate(sources) if s < 0]
+    return np.concatenate([capture, added], axis=1), load, from_start
 
 
 def _np(x: torch.Tensor) -> npt.NDArray[np.float32]:
@@ -269,7 +319,8 @@ def _scan_chunk(
     h: npt.NDArray[np.float32],  # (b, d, n), updated in place
     y: npt.NDArray[np.float32],  # (b, T, d), written
     slots: npt.NDArray[np.int64],  # (b, T): capture slot or -1
-    captured: npt.NDArray[np.float32],  # (b, k, d, n), written at slots
+    load: npt.NDArray[np.int64],  # (b, T): slot of the state a branching step continues, or -1
+    captured: npt.NDArray[np.float32],  # (b, k, d, n), written at slots, read at load
 ) -> None:
     nb, steps, nd, nn = decay.shape
     for job in numba.prange(nb * nd):
@@ -277,6 +328,9 @@ def _scan_chunk(
         di = job % nd
         state = h[bi, di].copy()
         for t in range(steps):
+            source = load[bi, t]
+            if source >= 0:  # a branch: continue its parent's state, not the previous step's
+                state[:] = captured[bi, source, di, :]
             drive = delta[bi, t, di] * u[bi, t, di]
             a, b_t, c_t = decay[bi, t, di], B[bi, t], C[bi, t]  # rows over n
             # Two simple loops (an update, then a float32 reduction) rather than one: the
