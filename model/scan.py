@@ -28,6 +28,7 @@ recomputes each chunk's states from a checkpoint and runs the reverse recurrence
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numba
@@ -96,7 +97,7 @@ def reference_scan(
     ys: list[torch.Tensor] = []
     hs: list[torch.Tensor] = []
     for t in range(length):
-        if parent is not None:  # each row's step continues its parent's state
+        if parent is not None and bool((parent[:, t] != t - 1).any()):  # a branching step
             h = torch.stack(
                 [hs[p][r] if p >= 0 else start[r] for r, p in enumerate(parent[:, t].tolist())]
             )
@@ -136,13 +137,10 @@ def fast_scan(
         D32 = _np(D)
         h = _np(h0).copy() if h0 is not None else np.zeros((b, d, n), dtype=np.float32)
         y = np.empty((b, length, d), dtype=np.float32)
-        asked = capture.cpu().numpy() if capture is not None else np.zeros((b, 0), np.int64)
-        k = asked.shape[1]
-        wanted, load, from_start = _branch_sources(asked, parent, length)
-        slots = _slots(wanted, b, length)
-        captured = np.zeros((b, max(wanted.shape[1], 1), d, n), dtype=np.float32)
-        for row, slot in from_start:  # branches off the start state read it from a slot
-            captured[row, slot] = h[row]
+        plan = _SlotPlan.of(capture, parent, b, length)
+        states = np.zeros((b, plan.width, d, n), dtype=np.float32)
+        for row, slot in plan.from_start:  # branches off the start state read it from a slot
+            states[row, slot] = h[row]
         A_t = A.detach().float()
         delta_t = torch.from_numpy(delta32)
         buffer = torch.empty(b, min(CHUNK, length), d, n)  # reused: exp(delta * A) per chunk
@@ -154,10 +152,10 @@ def fast_scan(
             _scan_chunk(
                 decay.numpy(), u32[:, start:stop], delta32[:, start:stop],
                 B32[:, start:stop], C32[:, start:stop], D32, h, y[:, start:stop],
-                slots[:, start:stop], load[:, start:stop], captured,
+                plan.slots[:, start:stop], plan.load[:, start:stop], states,
             )  # fmt: skip
-        out_captured = torch.from_numpy(captured[:, :k]) if capture is not None else None
-        return torch.from_numpy(y), torch.from_numpy(h), out_captured
+        captured = torch.from_numpy(plan.per_column(states)) if capture is not None else None
+        return torch.from_numpy(y), torch.from_numpy(h), captured
 
 
 class _CompiledScan(torch.autograd.Function):
@@ -208,9 +206,10 @@ class _CompiledScan(torch.autograd.Function):
         u32, delta32, B32, C32 = _np(u), _np(delta), _np(B), _np(C)
         A32, D32, dy32 = _np(A), _np(D), _np(dy)
         dh = _np(dh_last).copy() if dh_last is not None else np.zeros((b, d, n), np.float32)
-        slots = _slots(capture.cpu().numpy(), b, length) if dcaptured is not None else None
-        dcap = _np(dcaptured) if dcaptured is not None else np.zeros((b, 1, d, n), np.float32)
-        no_slots = np.full((b, CHUNK), -1, dtype=np.int64)
+        plan = _SlotPlan.of(capture, None, b, length)
+        dcap = np.zeros((b, plan.width, d, n), np.float32)  # per slot: columns summed
+        if dcaptured is not None:
+            plan.add_per_slot(_np(dcaptured), dcap)
         du = np.empty((b, length, d), np.float32)
         ddelta = np.empty((b, length, d), np.float32)
         dB = np.empty((b, length, n), np.float32)
@@ -227,7 +226,7 @@ class _CompiledScan(torch.autograd.Function):
             decay = torch.exp(torch.from_numpy(delta32[:, start:stop]).unsqueeze(-1) * A_t)
             dB_part = np.zeros((b, groups, steps, n), np.float32)
             dC_part = np.zeros((b, groups, steps, n), np.float32)
-            chunk_slots = slots[:, start:stop] if slots is not None else no_slots[:, :steps]
+            chunk_slots = plan.slots[:, start:stop]
             _scan_chunk_backward(
                 decay.numpy(), u32[:, start:stop], delta32[:, start:stop], A32,
                 B32[:, start:stop], C32[:, start:stop], D32, saved[:, index],
@@ -261,47 +260,68 @@ def compiled_scan(
     return y, h, captured if capture is not None else None
 
 
-def _slots(capture: npt.NDArray[np.int64], b: int, length: int) -> npt.NDArray[np.int64]:
-    """(b, k) capture positions -> (b, l) slot index at each position, -1 where none."""
-    slots = np.full((b, length), -1, dtype=np.int64)
-    positions = capture.astype(np.int64)
-    for row, col in zip(*np.nonzero(positions >= 0), strict=True):
-        slots[row, positions[row, col]] = col
-    return slots
+@dataclass(frozen=True)
+class _SlotPlan:
+    """Where the compiled kernels keep the states that are asked for.
 
+    A slot holds the state after one position of one row, however many capture columns ask
+    for it (training gives every prompt its own column, and several tasks share the end of
+    a record; the backward's chunk checkpoints can fall on a prompt too), and however many
+    branching steps continue it. ``slots`` (b, l): the slot written after each position, -1
+    for none; ``columns`` (b, k): each capture column's slot, -1 for none; ``load`` (b, l):
+    the slot a branching step starts from, -1 where a step continues the step before;
+    ``from_start``: (row, slot) pairs that hold the row's start state (position -1, which
+    no step writes: the caller fills them); ``width``: slots per row (at least 1).
+    """
 
-def _branch_sources(
-    capture: npt.NDArray[np.int64], parent: torch.Tensor | None, length: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], list[tuple[int, int]]]:
-    """Where each branching step reads the state it continues: a capture slot.
+    slots: npt.NDArray[np.int64]
+    columns: npt.NDArray[np.int64]
+    load: npt.NDArray[np.int64]
+    from_start: list[tuple[int, int]]
+    width: int
 
-    capture (b, k) positions; parent (b, l) or None. Returns the capture positions with the
-    branch sources not already among them appended (b, k + s; -1 pads), ``load`` (b, l):
-    the slot a step starts from, -1 where it continues the step before, and the (row, slot)
-    pairs whose source is the start state (position -1, which no step writes: the caller
-    fills them)."""
-    b = capture.shape[0]
-    load = np.full((b, length), -1, dtype=np.int64)
-    if parent is None:
-        return capture, load, []
-    par = parent.cpu().numpy()
-    extra: list[list[int]] = [[] for _ in range(b)]
-    for row, t in zip(*np.nonzero(par != np.arange(length) - 1), strict=True):
-        source = int(par[row, t])
-        asked = np.flatnonzero(capture[row] == source) if source >= 0 else np.zeros(0, np.int64)
-        if len(asked):
-            load[row, t] = asked[0]
-            continue
-        if source not in extra[row]:
-            extra[row].append(source)
-        load[row, t] = capture.shape[1] + extra[row].index(source)
-    width = max(len(e) for e in extra)
-    added = np.full((b, width), -1, dtype=np.int64)
-    from_start: list[tuple[int, int]] = []
-    for row, sources in enumerate(extra):
-        added[row, : len(sources)] = sources
-        from_start += [(row, capture.shape[1] + i) for i, s in enumerate(sources) if s < 0]
-    return np.concatenate([capture, added], axis=1), load, from_start
+    @classmethod
+    def of(cls, capture: torch.Tensor | None, parent: torch.Tensor | None, b: int,
+           length: int) -> _SlotPlan:  # fmt: skip
+        """capture (b, k) positions (-1 none) or None; parent (b, l) or None."""
+        asked = capture.cpu().numpy() if capture is not None else np.zeros((b, 0), np.int64)
+        slots = np.full((b, length), -1, dtype=np.int64)
+        columns = np.full(asked.shape, -1, dtype=np.int64)
+        load = np.full((b, length), -1, dtype=np.int64)
+        used = [0] * b
+        start_slot: dict[int, int] = {}
+
+        def slot_of(row: int, position: int) -> int:
+            if position < 0:
+                if row not in start_slot:
+                    start_slot[row] = used[row]
+                    used[row] += 1
+                return start_slot[row]
+            if slots[row, position] < 0:
+                slots[row, position] = used[row]
+                used[row] += 1
+            return int(slots[row, position])
+
+        for row, col in zip(*np.nonzero(asked >= 0), strict=True):
+            columns[row, col] = slot_of(int(row), int(asked[row, col]))
+        if parent is not None:
+            par = parent.cpu().numpy()
+            for row, t in zip(*np.nonzero(par != np.arange(length) - 1), strict=True):
+                load[row, t] = slot_of(int(row), int(par[row, t]))
+        return cls(slots, columns, load, sorted(start_slot.items()), max([1, *used]))
+
+    def per_column(self, states: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """States per slot (b, width, ...) -> per capture column (b, k, ...), zeros at -1."""
+        rows = np.arange(states.shape[0])[:, None]
+        picked: npt.NDArray[np.float32] = states[rows, self.columns.clip(min=0)]
+        return picked * (self.columns >= 0).reshape(*self.columns.shape, 1, 1)
+
+    def add_per_slot(
+        self, per_column: npt.NDArray[np.float32], out: npt.NDArray[np.float32]
+    ) -> None:
+        """Sum gradients per capture column (b, k, ...) into their slots (b, width, ...)."""
+        rows, cols = np.nonzero(self.columns >= 0)
+        np.add.at(out, (rows, self.columns[rows, cols]), per_column[rows, cols])
 
 
 def _np(x: torch.Tensor) -> npt.NDArray[np.float32]:
@@ -318,9 +338,9 @@ def _scan_chunk(
     D: npt.NDArray[np.float32],  # (d,)
     h: npt.NDArray[np.float32],  # (b, d, n), updated in place
     y: npt.NDArray[np.float32],  # (b, T, d), written
-    slots: npt.NDArray[np.int64],  # (b, T): capture slot or -1
+    slots: npt.NDArray[np.int64],  # (b, T): the slot written after each step, or -1
     load: npt.NDArray[np.int64],  # (b, T): slot of the state a branching step continues, or -1
-    captured: npt.NDArray[np.float32],  # (b, k, d, n), written at slots, read at load
+    captured: npt.NDArray[np.float32],  # (b, slots, d, n): written at slots, read at load
 ) -> None:
     nb, steps, nd, nn = decay.shape
     for job in numba.prange(nb * nd):
@@ -359,8 +379,8 @@ def _scan_chunk_backward(
     h_start: npt.NDArray[np.float32],  # (b, d, n): state before the chunk
     dy: npt.NDArray[np.float32],  # (b, T, d)
     dh: npt.NDArray[np.float32],  # (b, d, n): gradient after the chunk in, before it out
-    slots: npt.NDArray[np.int64],  # (b, T): capture slot or -1
-    dcap: npt.NDArray[np.float32],  # (b, k, d, n): gradients of the captured states
+    slots: npt.NDArray[np.int64],  # (b, T): the slot written after each step, or -1
+    dcap: npt.NDArray[np.float32],  # (b, slots, d, n): gradients of the captured states
     du: npt.NDArray[np.float32],  # (b, T, d), written
     ddelta: npt.NDArray[np.float32],  # (b, T, d), written
     dA_part: npt.NDArray[np.float32],  # (b, d, n), accumulated

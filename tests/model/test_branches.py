@@ -60,7 +60,7 @@ def _mode(grad: bool) -> AbstractContextManager[None]:
 def _start(model: EHRMamba, carried: bool) -> ModelState | None:
     if not carried:
         return None
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference mode: the reference path may use it under autograd
         state: ModelState = model(_batch(2, 9, seed=7))[1]
     return state
 

@@ -152,13 +152,16 @@ def test_compiled_scan_gradients_equal_autograd_through_the_reference(
         torch.randn(d, generator=g),
         torch.randn(b, d, n, generator=g),
     ]
-    capture = torch.tensor([[3, -1, 17], [29, 0, 8]])  # crosses chunks; -1 captures nothing
+    # Crosses chunks; -1 captures nothing; two columns may ask for one position (training
+    # gives every prompt its own column, and several tasks share the end of a record); 13
+    # and 20 are chunk ends at CHUNK 7, where the backward keeps its checkpoints.
+    capture = torch.tensor([[3, -1, 17, 13, 17], [29, 0, 8, 8, 20]])
     weights = (
         torch.randn(b, length, d, generator=g),
         torch.randn(b, d, n, generator=g),
-        torch.randn(b, 3, d, n, generator=g),
+        torch.randn(b, capture.shape[1], d, n, generator=g),
     )
-    grads = []
+    grads, states = [], []
     for fn in (scan.reference_scan, scan.compiled_scan):
         leaves = [x.clone().requires_grad_() for x in inputs]
         u, delta, A, B, C, D, h0 = leaves
@@ -167,6 +170,8 @@ def test_compiled_scan_gradients_equal_autograd_through_the_reference(
         loss = (y * weights[0]).sum() + (h * weights[1]).sum() + (captured * weights[2]).sum()
         loss.backward()
         grads.append([leaf.grad for leaf in leaves])
+        states.append(captured.detach())
+    assert (states[0] - states[1]).abs().max().item() < 1e-5, "captured states"
     for name, want, got in zip(["u", "delta", "A", "B", "C", "D", "h0"], *grads, strict=True):
         assert want is not None
         assert got is not None
