@@ -43,6 +43,7 @@ from model.state import concat, pick_captured, select
 from model.tasks import Task
 
 _NOT_FORECAST = (PAD, UNK, CLS, *TASK_TOKENS)
+_SHORT = 64  # rows this short share a batch whatever their widths (see ``_batches``)
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,11 @@ class Engine:
         for item in inputs:
             if len(item.sequence) == 0:
                 raise ValueError("cannot score an empty sequence")
+            if item.los_cut is not None and not 0 < item.los_cut <= len(item.sequence):
+                raise ValueError(
+                    f"los_cut {item.los_cut} is not a prefix length of the sequence "
+                    f"(1 to {len(item.sequence)})"
+                )
         scans, probabilities = self._scan(inputs, tasks)
         forecasts = self._forecast(inputs, scans, forecast, top_p, seed, candidates)
         return [
@@ -150,14 +156,13 @@ class Engine:
     def _scan(
         self, inputs: Sequence[PatientInput], tasks: Sequence[Task]
     ) -> tuple[list[_Scan], list[dict[Task, float]]]:
-        """Scan what is new for every patient and score every (patient, task) pair, in one
-        batched call of the model.
+        """Scan what is new for every patient and score every (patient, task) pair.
 
         Each patient's row holds the new tokens (with ``[VE] [REG]`` where a task needs the
         open visit closed; the end state is captured before them), then one task token per
         task, each a branch off its cut point's state (a token tree, ``model.branches``).
         A length-of-stay cut that lies inside the cached part branches off the cached state
-        in a row of its own."""
+        in a row of its own. Rows of similar length share one call of the model."""
         needs_close = any(task is not Task.LENGTH_OF_STAY for task in tasks)
         rows: list[_Row] = []
         extra: list[_Row] = []
@@ -166,43 +171,15 @@ class Engine:
             rows.append(main)
             extra += own
         every = [*rows, *extra]
-        active = [r for r, row in enumerate(every) if len(row.tokens) or row.leaves]
-        hidden, captured = self._run([every[r] for r in active])
-        batch_row = {r: position for position, r in enumerate(active)}  # every -> batch
-        probabilities: list[dict[Task, float]] = [{} for _ in inputs]
-        # Every task token: (batch row, position in it, patient, task).
-        picks = [(position, len(every[r].tokens) + j, every[r].patient, leaf.task)
-                 for position, r in enumerate(active)
-                 for j, leaf in enumerate(every[r].leaves)]  # fmt: skip
-        if picks:
-            at_row, at, patients, which = zip(*picks, strict=True)
-            columns = torch.tensor([task.column for task in which])
-            logits = self.model.task_logit(hidden[list(at_row), list(at)], columns)
-            for i, task, p in zip(patients, which, torch.sigmoid(logits).tolist(), strict=True):
-                probabilities[i][task] = float(p)
-        scans: list[_Scan] = []
-        for i, (item, row) in enumerate(zip(inputs, rows, strict=True)):
-            length = len(item.sequence)
-            known: dict[int, ModelState] = {}
-            end_hidden: torch.Tensor | None = None
-            if item.cached is not None and row.offset:
-                known = {**item.cached.cut_states, row.offset: item.cached.end_state}
-                end_hidden = item.cached.end_hidden
-            if i in batch_row and row.cuts:
-                r = batch_row[i]
-                assert captured is not None
-                picked = pick_captured(
-                    captured, torch.full((len(row.cuts),), r), torch.arange(len(row.cuts))
-                )
-                for slot, cut in enumerate(row.cuts):
-                    known[cut] = select(picked, torch.tensor([slot]))
-            if length > row.offset:
-                end_hidden = hidden[batch_row[i], length - row.offset - 1]
-            assert end_hidden is not None
-            los = item.los_cut
-            keep = {los: known[los]} if los is not None and los in known else {}
-            cache = CachedScan(length, known[length], end_hidden, keep)
-            scans.append(_Scan(known[length], end_hidden, cache, length - row.offset))
+        outputs: list[_RowOutput | None] = [None] * len(every)
+        for group in _batches([row.width for row in every]):
+            for r, output in zip(group, self._run([every[r] for r in group]), strict=True):
+                outputs[r] = output
+        probabilities = self._probabilities(every, outputs, len(inputs))
+        scans = [
+            _cached_scan(item, row, outputs[i])
+            for i, (item, row) in enumerate(zip(inputs, rows, strict=True))
+        ]
         return scans, probabilities
 
     def _rows(
@@ -236,11 +213,8 @@ class Engine:
         token = with_task_token(prefix, self._task_ids[task]).suffix(len(prefix))
         return _Leaf(task, len(prefix), token)
 
-    def _run(self, rows: list[_Row]) -> tuple[torch.Tensor, ModelState | None]:
-        """The model over ``rows`` as one batch of token trees: hidden (R, W, h) and the
-        states at every row's cuts (R, k, ...), or None where there are none."""
-        if not rows:
-            return torch.zeros(0, 0, self.model.config.hidden_size), None
+    def _run(self, rows: list[_Row]) -> list[_RowOutput]:
+        """The model over ``rows`` as one batch of token trees."""
         batch, _ = collate([row.sequence() for row in rows])
         width = batch.concept.shape[1]
         parent = torch.arange(-1, width - 1).repeat(len(rows), 1)
@@ -257,7 +231,37 @@ class Engine:
             capture if capture.shape[1] else None,
             parent if branching else None,
         )
-        return hidden, captured
+        outputs: list[_RowOutput] = []
+        for r, row in enumerate(rows):
+            states: dict[int, ModelState] = {}
+            if row.cuts:
+                assert captured is not None
+                slots = torch.arange(len(row.cuts))
+                picked = pick_captured(captured, torch.full((len(row.cuts),), r), slots)
+                states = {cut: select(picked, slots[j : j + 1]) for j, cut in enumerate(row.cuts)}
+            outputs.append(_RowOutput(hidden[r, : row.width], states))
+        return outputs
+
+    def _probabilities(
+        self, rows: list[_Row], outputs: list[_RowOutput | None], patients: int
+    ) -> list[dict[Task, float]]:
+        """Every task token's probability, through the clinical head in one call."""
+        hidden: list[torch.Tensor] = []
+        pairs: list[tuple[int, Task]] = []
+        for row, output in zip(rows, outputs, strict=True):
+            if output is None:
+                continue
+            for j, leaf in enumerate(row.leaves):
+                hidden.append(output.hidden[len(row.tokens) + j])
+                pairs.append((row.patient, leaf.task))
+        results: list[dict[Task, float]] = [{} for _ in range(patients)]
+        if not pairs:
+            return results
+        columns = torch.tensor([task.column for _, task in pairs])
+        logits = self.model.task_logit(torch.stack(hidden), columns)
+        for (i, task), p in zip(pairs, torch.sigmoid(logits).tolist(), strict=True):
+            results[i][task] = float(p)
+        return results
 
     # --- 4. forecast ------------------------------------------------------------------------
 
@@ -274,8 +278,8 @@ class Engine:
         if steps <= 0:
             return [tuple(f) for f in out]
         generator = torch.Generator().manual_seed(seed)
-        state = concat([s.end_state for s in scans])
-        hidden = torch.stack([s.end_hidden for s in scans])  # (b, h)
+        state = concat([s.cache.end_state for s in scans])
+        hidden = torch.stack([s.cache.end_hidden for s in scans])  # (b, h)
         sequences = [item.sequence for item in inputs]
         for _ in range(steps):
             logits = self.model.next_token_logits(hidden).masked_fill(self._not_forecast, -1e9)
@@ -353,24 +357,68 @@ class _Row:
     cuts: tuple[int, ...]
     leaves: tuple[_Leaf, ...]
 
+    @property
+    def width(self) -> int:
+        """Tokens in the row: the new ones, then one per leaf."""
+        return len(self.tokens) + len(self.leaves)
+
     def sequence(self) -> TokenSequence:
+        """The row's tokens as one sequence, the leaves' task tokens last."""
         return concatenate([self.tokens, *(leaf.token for leaf in self.leaves)])
 
 
 @dataclass(frozen=True)
+class _RowOutput:
+    """What the model gave for one row: hidden (width, h), and the states at its cuts."""
+
+    hidden: torch.Tensor
+    states: dict[int, ModelState]
+
+
+@dataclass(frozen=True)
 class _Scan:
-    end_state: ModelState
-    end_hidden: torch.Tensor
-    cache: CachedScan
+    cache: CachedScan  # the state and hidden vector at the end of the record, and its cuts
     scanned: int
+
+
+def _cached_scan(item: PatientInput, row: _Row, output: _RowOutput | None) -> _Scan:
+    """The patient's end state, end hidden vector and length-of-stay state, from the cache
+    and what its row captured."""
+    length = len(item.sequence)
+    known: dict[int, ModelState] = {}
+    end_hidden: torch.Tensor | None = None
+    if item.cached is not None and row.offset:
+        known = {**item.cached.cut_states, row.offset: item.cached.end_state}
+        end_hidden = item.cached.end_hidden
+    if output is not None:
+        known.update(output.states)
+        if length > row.offset:
+            end_hidden = output.hidden[length - row.offset - 1]
+    assert end_hidden is not None
+    los = item.los_cut
+    keep = {los: known[los]} if los is not None and los in known else {}
+    return _Scan(CachedScan(length, known[length], end_hidden, keep), length - row.offset)
+
+
+def _batches(widths: Sequence[int]) -> list[list[int]]:
+    """The non-empty rows' indices in batches of similar width.
+
+    Padding a 12-token row to a 2,000-token neighbour would scan 2,000 tokens for it, so a
+    batch takes rows up to twice its narrowest row's width; rows of up to ``_SHORT`` tokens
+    always share one, where a second call of the model would cost more than the padding."""
+    batches: list[list[int]] = []
+    for i in sorted((i for i, w in enumerate(widths) if w), key=lambda i: widths[i]):
+        if batches and widths[i] <= max(2 * widths[batches[-1][0]], _SHORT):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def _plan(item: PatientInput, want_los: bool) -> _Plan:
     """Continue from the cache when it covers every cut point that lies before its end."""
     los_cut = item.los_cut if want_los else None
     cached = item.cached
-    if los_cut is not None and los_cut < 1:  # no prefix to branch off
-        los_cut = None
     if cached is None or cached.length > len(item.sequence) or cached.length == 0:
         return _Plan(0, los_cut)
     if los_cut is not None and los_cut < cached.length and los_cut not in cached.cut_states:

@@ -186,6 +186,42 @@ def test_empty_sequence_is_refused(engine: Engine) -> None:
         engine.score([PatientInput(empty)], [Task.MORTALITY])
 
 
+@pytest.mark.parametrize("cut", [0, -3, 10_000])
+def test_a_length_of_stay_cut_outside_the_sequence_is_refused(engine: Engine, cut: int) -> None:
+    seq = _sequence(2, 4, True, seed=13)
+    with pytest.raises(ValueError, match="los_cut"):
+        engine.score([PatientInput(seq, los_cut=cut)], [Task.LENGTH_OF_STAY])
+
+
+def test_a_batch_mixing_cached_fresh_and_long_rows_equals_each_alone(engine: Engine) -> None:
+    """One patient fully cached (only task tokens to scan), one continuing a cache whose
+    length-of-stay cut lies inside it (a row of its own), one scanned from scratch and long
+    enough to cross the compiled scan's chunks: batched, each equals its own call."""
+    done = _sequence(2, 4, False, seed=14)
+    growing = _sequence(3, 30, True, seed=15)
+    old = growing.prefix(len(growing) - 4)
+    cut = _los_cut(growing)
+    assert cut <= len(old)
+    long = _sequence(6, 40, True, seed=16)
+    assert len(long) > 128
+    [done_first] = engine.score([PatientInput(done)], list(Task))
+    [old_first] = engine.score([PatientInput(old, los_cut=cut)], list(Task))
+    inputs = [
+        PatientInput(done, cached=done_first.cache),
+        PatientInput(growing, los_cut=cut, cached=old_first.cache),
+        PatientInput(long, los_cut=_los_cut(long)),
+    ]
+    together = engine.score(inputs, list(Task), forecast=2)
+    assert [r.scanned_tokens for r in together] == [0, 4, len(long)]
+    for item, batched in zip(inputs, together, strict=True):
+        [alone] = engine.score([PatientInput(item.sequence, los_cut=item.los_cut)], list(Task),
+                               forecast=2)  # fmt: skip
+        assert batched.probabilities.keys() == alone.probabilities.keys()
+        for task, p in alone.probabilities.items():
+            assert batched.probabilities[task] == pytest.approx(p, abs=TOL), task
+        assert [f.token for f in batched.forecast] == [f.token for f in alone.forecast]
+
+
 def test_cache_entry_holds_the_length_of_stay_state(engine: Engine) -> None:
     seq = _sequence(2, 6, True, seed=10)
     cut = _los_cut(seq)
