@@ -120,11 +120,18 @@ def test_branching_equals_separate_passes_values_and_gradients(
 ) -> None:
     """Training by branching from captured states is exactly training on each prompted
     input separately: checked in float64 through the reference scan (gradients included),
-    and in float32 through the compiled scan (values)."""
+    and in float32 through the compiled scan (values), on windows where several prompts
+    share a cut (the compiled scan once gave all but one of them a zero state)."""
     torch.manual_seed(0)
     model = EHRMamba(ModelConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
                                  dropout=0.0))  # fmt: skip
-    windows = task_windows(built, "pretrain", vocab, max_length=200)[:5]
+    with torch.no_grad():  # a state that weighs more than at initialisation: it must matter
+        for block in model.backbone.blocks():
+            block.mixer.x_proj.weight.mul_(10.0)
+    every = task_windows(built, "pretrain", vocab, max_length=200)
+    shared = [w for w in every if len({p.position for p in w.prompts}) < len(w.prompts)]
+    assert len(shared) >= 2, "the check needs windows whose prompts share a cut"
+    windows = shared[:2] + [w for w in every if w not in shared][:3]
     branched, separate, _ = _logits(model, windows, vocab, wide=False)
     assert (branched - separate).abs().max().item() < 5e-4  # float32 over 200-step scans
     monkeypatch.setattr(scan, "compiled_scan", scan.reference_scan)
