@@ -45,8 +45,9 @@ def render(spec: dict[str, Any]) -> str:
                 lines += [f"Body: `{_schema_name(body['schema'])}`.", ""]
             lines += ["| status | meaning | body |", "|---|---|---|"]
             for status, response in op["responses"].items():
-                content = response.get("content", {})
-                schema = next(iter(content.values()), {}).get("schema", {}) if content else {}
+                content: dict[str, Any] = response.get("content", {})
+                first: dict[str, Any] = next(iter(content.values()), {})
+                schema: dict[str, Any] = first.get("schema", {})
                 meaning = _one_paragraph(response.get("description", ""))
                 lines.append(_row(status, meaning, f"`{_schema_name(schema)}`"))
             lines.append("")
@@ -59,9 +60,9 @@ def render(spec: dict[str, Any]) -> str:
         if schema.get("description"):
             lines += [_one_paragraph(schema["description"]), ""]
         lines += ["| field | type | meaning |", "|---|---|---|"]
-        required = set(schema.get("required", []))
+        needed = set(schema.get("required", []))
         for field, sub in fields.items():
-            mark = "" if field in required else " (optional)"
+            mark = "" if field in needed else " (optional)"
             meaning = _one_paragraph(sub.get("description", ""))
             lines.append(_row(f"`{field}`{mark}", f"`{_schema_name(sub)}`", meaning))
         lines.append("")
