@@ -13,8 +13,8 @@ from model.branches import Branches
 from model.config import ModelConfig
 from model.network import EHRMamba, ModelState, TokenBatch
 from model.state import select
+from tests.model.random_batches import VOCAB, random_batch
 
-VOCAB = 60
 TOL = 2e-5
 # Position:     0  1  2  3  4  5  6  7  8  9  10
 PARENTS = [-1, 0, 1, 2, 3, 4, 5, 5, 2, 8, -1]
@@ -26,18 +26,6 @@ def _model() -> EHRMamba:
     torch.manual_seed(1)
     config = ModelConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, dropout=0.0)
     return EHRMamba(config).eval()
-
-
-def _batch(b: int, length: int, seed: int) -> TokenBatch:
-    g = torch.Generator().manual_seed(seed)
-    return TokenBatch(
-        concept=torch.randint(0, VOCAB, (b, length), generator=g),
-        type=torch.randint(0, 10, (b, length), generator=g),
-        age=torch.rand(b, length, generator=g) * 90,
-        time=2800 + torch.rand(b, length, generator=g).cumsum(1),
-        segment=torch.randint(0, 3, (b, length), generator=g),
-        visit_order=torch.randint(0, 30, (b, length), generator=g),
-    )
 
 
 def _take(batch: TokenBatch, row: int, positions: list[int]) -> TokenBatch:
@@ -62,7 +50,7 @@ def _start(model: EHRMamba, carried: bool) -> ModelState | None:
     if not carried:
         return None
     with torch.no_grad():  # not inference mode: the reference path may use it under autograd
-        state: ModelState = model(_batch(2, 9, seed=7))[1]
+        state: ModelState = model(random_batch(2, 9, seed=7))[1]
     return state
 
 
@@ -74,7 +62,7 @@ def test_every_token_of_a_tree_equals_its_path_scanned_alone(
 ) -> None:
     monkeypatch.setattr(scan, "CHUNK", chunk)
     model = _model()
-    batch = _batch(2, len(PARENTS), seed=3)
+    batch = random_batch(2, len(PARENTS), seed=3)
     parent = torch.tensor([PARENTS, list(range(-1, len(PARENTS) - 1))])  # row 1: plain chain
     start = _start(model, carried)
     capture = torch.tensor([[6, 7, 9, 10], [2, -1, -1, -1]])

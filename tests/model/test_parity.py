@@ -11,25 +11,13 @@ from model import scan
 from model.config import ModelConfig
 from model.interop import to_transformers
 from model.network import EHRMamba, ModelState, TokenBatch
+from tests.model.random_batches import VOCAB, random_batch
 
 TOL = 2e-5
-VOCAB = 60
 
 
 def _config() -> ModelConfig:
     return ModelConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, dropout=0.0)
-
-
-def _batch(b: int, length: int, seed: int = 0) -> TokenBatch:
-    g = torch.Generator().manual_seed(seed)
-    return TokenBatch(
-        concept=torch.randint(0, VOCAB, (b, length), generator=g),
-        type=torch.randint(0, 10, (b, length), generator=g),
-        age=torch.rand(b, length, generator=g) * 90,
-        time=2800 + torch.rand(b, length, generator=g).cumsum(1),
-        segment=torch.randint(0, 3, (b, length), generator=g),
-        visit_order=torch.randint(0, 30, (b, length), generator=g),
-    )
 
 
 def _slice(batch: TokenBatch, start: int, stop: int, rows: slice = slice(None)) -> TokenBatch:
@@ -56,7 +44,7 @@ def test_backbone_weights_load_into_transformers_and_back(model: EHRMamba) -> No
 def test_full_forward_matches_transformers(model: EHRMamba, grad: bool) -> None:
     reference = to_transformers(model)
     assert isinstance(reference, MambaModel)
-    batch = _batch(2, 150)  # crosses a fast-scan chunk boundary
+    batch = random_batch(2, 150)  # crosses a fast-scan chunk boundary
     with torch.no_grad():
         expected = reference(inputs_embeds=model.input_embeddings(batch)).last_hidden_state
     with torch.set_grad_enabled(grad):
@@ -67,7 +55,7 @@ def test_full_forward_matches_transformers(model: EHRMamba, grad: bool) -> None:
 def test_chunk_size_that_does_not_divide_the_length(
     model: EHRMamba, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    batch = _batch(2, 50)
+    batch = random_batch(2, 50)
     with torch.no_grad():
         whole, _, _ = model(batch)
         monkeypatch.setattr(scan, "CHUNK", 7)
@@ -90,7 +78,7 @@ def test_fast_scan_matches_the_reference_from_a_state() -> None:
 
 
 def test_step_by_step_equals_the_parallel_forward(model: EHRMamba) -> None:
-    batch = _batch(2, 25)
+    batch = random_batch(2, 25)
     with torch.no_grad():
         whole, end, _ = model(batch)
         state: ModelState | None = None
@@ -107,7 +95,7 @@ def test_step_by_step_equals_the_parallel_forward(model: EHRMamba) -> None:
 
 @pytest.mark.parametrize("split", [1, 3, 17, 39])
 def test_continue_from_state_equals_the_whole(model: EHRMamba, split: int) -> None:
-    batch = _batch(2, 40)
+    batch = random_batch(2, 40)
     with torch.no_grad():
         whole, end, _ = model(batch)
         head, state, _ = model(_slice(batch, 0, split))
@@ -120,7 +108,7 @@ def test_continue_from_state_equals_the_whole(model: EHRMamba, split: int) -> No
 def test_captured_states_equal_prefix_runs_and_ignore_padding(model: EHRMamba) -> None:
     """Row 1 is a 12-token sequence right-padded to 30; its capture at 11 must equal the
     state of the 12 tokens alone, whatever the padding does after it."""
-    batch = _batch(2, 30)
+    batch = random_batch(2, 30)
     capture = torch.tensor([[4, 29], [11, -1]])
     with torch.no_grad():
         _, _, captured = model(batch, capture=capture)
@@ -182,7 +170,7 @@ def test_training_gradients_match_the_reference_path(
     model: EHRMamba, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Parameter gradients of a next-token loss: compiled backward against autograd."""
-    batch = _batch(2, 20)
+    batch = random_batch(2, 20)
     results = []
     for use_reference in (True, False):
         if use_reference:
