@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import inspect
 import shutil
 import statistics
 import subprocess
@@ -68,7 +69,19 @@ def load_revision(revision: str, repo: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[path.stem] = module  # numba's cache looks its functions up by module
     spec.loader.exec_module(module)
+    check_compatible(module, revision)
     return module
+
+
+def check_compatible(module: ModuleType, revision: str) -> None:
+    """Refuse a scan the current block cannot call: before the fused forward kernel, the
+    scan took delta after its softplus and had no gate."""
+    if "gate" not in inspect.signature(module.fast_scan).parameters:
+        raise ValueError(
+            f"model/scan.py at {revision!r} predates the fused forward kernel (softplus and "
+            "gate in the scan's pass), which the current block calls; compare whole "
+            "revisions instead (git worktree, `ehrmamba bench model` in each, alternated)"
+        )
 
 
 @contextmanager

@@ -25,7 +25,8 @@ from torch import nn
 from model import scan
 from model.branches import Branches
 from model.config import ModelConfig
-from model.scan import reference_scan
+from model.conv import causal_conv, fast_causal_conv_silu
+from model.scan import SlotPlan, reference_scan
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class MambaMixer(nn.Module):
         state: LayerState | None = None,
         capture: torch.Tensor | None = None,
         branches: Branches | None = None,
+        plan: SlotPlan | None = None,
     ) -> tuple[torch.Tensor, LayerState, LayerState | None]:
         """x (b, l, h) -> (out (b, l, h), state after the last step, captured states).
 
@@ -95,50 +97,52 @@ class MambaMixer(nn.Module):
         gives LayerState(conv (b, k, d, K-1), ssm (b, k, d, n)), differentiable in
         training (the state a task token's branch starts from). ``branches`` makes each row
         a token tree (``model.branches``); states are then those along each token's path.
+        ``plan``: where the compiled scan keeps those states (``SlotPlan.of(capture,
+        parent, b, l)``), made once per forward for every block; made here if absent.
         """
         b = x.shape[0]
         start = state or self.empty_state(b, x.device)
         if x.shape[1] == 1 and capture is None:  # a one-token row is never a tree
             return self._step(x, start)
-        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, d) each
-        # Causal depthwise conv, time-major: K shifted multiply-adds over contiguous (l, d)
-        # rows are cheaper on CPU than transposing to conv1d's (d, l) layout and back.
+        xz = self.in_proj(x)
+        xs, z = xz.chunk(2, dim=-1)  # (b, l, d) each
         conv_in = torch.cat([start.conv.transpose(1, 2).to(xs.dtype), xs], dim=1)  # (b, K-1+l, d)
         length = xs.shape[1]
         weight = self.conv1d.weight[:, 0, :]  # (d, K)
-        conv = conv_in[:, :length] * weight[:, 0]
-        for k in range(1, self.kernel):
-            conv = conv + conv_in[:, k : k + length] * weight[:, k]
-        if branches is not None and branches.rows.numel():  # tokens off the plain chain
-            rows = branches.rows.to(x.device)
-            window = conv_in[rows.unsqueeze(1), branches.off_windows.to(x.device)]  # (m, K, d)
-            conv[rows, branches.positions.to(x.device)] = (window * weight.t()).sum(1)
-        if self.conv1d.bias is not None:
-            conv = conv + self.conv1d.bias
-        u = F.silu(conv)  # (b, l, d)
-        delta, B, C = self._selection(u)
+        parent = branches.parent if branches is not None else None
+        compiled = x.device.type == "cpu" and not torch.is_grad_enabled()
+        if compiled:
+            u = fast_causal_conv_silu(conv_in, weight, self.conv1d.bias, branches)
+        else:
+            u = F.silu(causal_conv(conv_in, weight, self.conv1d.bias, branches))  # (b, l, d)
         A = -torch.exp(self.A_log.float())  # (d, n)
         ssm_captured: torch.Tensor | None = None
-        parent = branches.parent if branches is not None else None
         plain = state is None and capture is None and parent is None
-        if x.is_cuda and plain and scan.cuda_scan is not None:
-            y, h = scan.cuda_scan(u, delta, A, B, C, self.D)
-        elif x.device.type != "cpu" or (torch.is_grad_enabled() and parent is not None):
-            # Trees with gradients (nothing trains on them yet) take the reference path.
-            y, h, ssm_captured = reference_scan(
-                u, delta, A, B, C, self.D, start.ssm, capture, parent
-            )
-        elif torch.is_grad_enabled():
-            y, h, ssm_captured = scan.compiled_scan(u, delta, A, B, C, self.D, start.ssm, capture)
+        raw_delta, B, C = self._selection(u)
+        if compiled:  # the time step's softplus and the output gate ride in the scan's pass
+            gated, h, ssm_captured = scan.fast_scan(
+                u, raw_delta, A, B, C, self.D, start.ssm, capture, parent,
+                delta_bias=self.dt_proj.bias, gate=z, plan=plan,
+            )  # fmt: skip
         else:
-            y, h, ssm_captured = scan.fast_scan(
-                u, delta, A, B, C, self.D, start.ssm, capture, parent
-            )
+            delta = F.softplus(raw_delta + self.dt_proj.bias)
+            if x.is_cuda and plain and scan.cuda_scan is not None:
+                y, h = scan.cuda_scan(u, delta, A, B, C, self.D)
+            elif x.device.type != "cpu" or parent is not None:
+                # Trees with gradients (nothing trains on them yet) take the reference path.
+                y, h, ssm_captured = reference_scan(
+                    u, delta, A, B, C, self.D, start.ssm, capture, parent
+                )
+            else:
+                y, h, ssm_captured = scan.compiled_scan(
+                    u, delta, A, B, C, self.D, start.ssm, capture
+                )
+            gated = y * F.silu(z)
         captured: LayerState | None = None
         if capture is not None and ssm_captured is not None:
             windows = _conv_windows(conv_in, capture, branches, self.kernel)
             captured = LayerState(windows, ssm_captured)
-        out = self.out_proj((y * F.silu(z)).to(x.dtype))
+        out = self.out_proj(gated.to(x.dtype))
         if branches is None:
             end_conv = conv_in[:, length:].transpose(1, 2)
         else:  # the last token's path, which need not be the row's last K-1 inputs
@@ -147,9 +151,10 @@ class MambaMixer(nn.Module):
         return out, LayerState(end_conv, h), captured
 
     def _selection(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The input-dependent SSM parameters: delta (..., d), B (..., n), C (..., n)."""
+        """The input-dependent SSM parameters: the time step before its bias and softplus
+        (..., d) (delta = softplus(that + dt_proj.bias)), B (..., n), C (..., n)."""
         dt, B, C = torch.split(self.x_proj(u), [self.r, self.n, self.n], dim=-1)
-        return F.softplus(self.dt_proj(dt)), B, C
+        return F.linear(dt, self.dt_proj.weight), B, C
 
     def _step(
         self, x: torch.Tensor, state: LayerState
@@ -162,7 +167,8 @@ class MambaMixer(nn.Module):
         if self.conv1d.bias is not None:
             conv = conv + self.conv1d.bias
         u = F.silu(conv)  # (b, d)
-        delta, B, C = self._selection(u)
+        raw_delta, B, C = self._selection(u)
+        delta = F.softplus(raw_delta + self.dt_proj.bias)
         A = -torch.exp(self.A_log.float())
         h = torch.exp(delta.unsqueeze(-1) * A) * state.ssm + (delta * u).unsqueeze(-1) * (
             B.unsqueeze(1)
@@ -207,6 +213,7 @@ class MambaBlock(nn.Module):
         state: LayerState | None = None,
         capture: torch.Tensor | None = None,
         branches: Branches | None = None,
+        plan: SlotPlan | None = None,
     ) -> tuple[torch.Tensor, LayerState, LayerState | None]:
-        out, end, captured = self.mixer(self.norm(x), state, capture, branches)
+        out, end, captured = self.mixer(self.norm(x), state, capture, branches, plan)
         return x.float() + out, end, captured

@@ -15,9 +15,10 @@ section 2 and the simplified B of its appendix):
 - ``cuda_scan`` is ``mamba-ssm``'s fused CUDA kernel, used on GPUs when that optional
   package is installed (it takes no initial state, so continuing a sequence on a GPU still
   uses the reference path).
-- ``fast_scan`` computes ``exp(delta * A)`` with torch's vectorised exp for a cache-sized
-  chunk of steps, then runs the recurrence over that chunk in a compiled loop (numba, one
-  parallel task per (batch, channel)). It also returns the state after any requested
+- ``fast_scan`` runs the recurrence in one compiled loop (numba, one parallel task per
+  (batch, group of 16 channels)) that computes ``exp(delta * A)`` as it goes, 16 channels
+  to a vector (``model.fastmath``), and can apply the block's output gate on the way out.
+  It also returns the state after any requested
   positions ("captures"), which is how the engine gets the state at each task's cut point
   from one pass, and why right-padding never disturbs a state that is used. A row can be a
   token tree (``parent``, see ``model.branches``): a branching step loads the state it
@@ -36,7 +37,14 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-CHUNK = 128  # time steps per exp() batch: keeps the (b, chunk, d, n) buffer in cache
+from model import fastmath
+
+# Channels per parallel job of the forward kernel, scanned side by side as whole vectors
+# (two AVX2 registers; the compiler unrolls loops of this fixed count).
+LANES = 16
+TILE = 32  # time steps whose inputs the forward kernel stages at once
+# Time steps per checkpoint of the backward; its exp(delta * A) per chunk stays in cache.
+CHUNK = 128
 # The backward's parallel jobs per batch row: each walks a slice of the channels and sums
 # dB and dC (which every channel adds to) into its own partial, so no job writes what
 # another writes and no (b, d, chunk, n) intermediate is ever made.
@@ -123,39 +131,46 @@ def fast_scan(
     h0: torch.Tensor | None = None,
     capture: torch.Tensor | None = None,
     parent: torch.Tensor | None = None,
+    *,
+    delta_bias: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    plan: SlotPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Compiled scan, no gradients. Shapes as ``reference_scan``; ``capture`` (b, k) holds
     positions t (state after step t; -1 for none); ``parent`` (b, l) makes each row a token
     tree. Returns y (b, l, d), the state after the last step (b, d, n) and the captured
-    states (b, k, d, n), zeros where the position was -1."""
+    states (b, k, d, n), zeros where the position was -1.
+
+    Two steps of the block can ride in the scan's pass, as in ``mamba-ssm``'s kernel:
+    with ``delta_bias`` (d,), ``delta`` is the time-step projection before its bias and
+    softplus, and the scan uses softplus(delta + delta_bias); ``gate`` (b, l, d) multiplies
+    y by SiLU(gate), the block's output gate. ``plan``: ``SlotPlan.of(capture, parent, b,
+    l)``, made once for every block of a forward; made here if not given.
+    """
     with torch.no_grad():
         b, length, d = u.shape
         n = A.shape[1]
-        u32 = _np(u)
-        delta32 = _np(delta)
-        B32, C32 = _np(B), _np(C)
-        D32 = _np(D)
-        h = _np(h0).copy() if h0 is not None else np.zeros((b, d, n), dtype=np.float32)
-        y = np.empty((b, length, d), dtype=np.float32)
-        plan = _SlotPlan.of(capture, parent, b, length)
-        states = np.zeros((b, plan.width, d, n), dtype=np.float32)
+        if plan is None:
+            plan = SlotPlan.of(capture, parent, b, length)
+        pad = -d % LANES  # channels are scanned LANES at a time; pad with inert ones
+        bias = delta_bias if delta_bias is not None else torch.zeros(d)
+        gates = gate if gate is not None else u.new_empty(b, 0, d)
+        h = _np(h0, pad, axis=1).copy() if h0 is not None else np.zeros((b, d + pad, n), np.float32)
+        y = np.empty((b, length, d + pad), dtype=np.float32)
+        states = np.zeros((b, plan.width, d + pad, n), dtype=np.float32)
         for row, slot in plan.from_start:  # branches off the start state read it from a slot
             states[row, slot] = h[row]
-        A_t = A.detach().float()
-        delta_t = torch.from_numpy(delta32)
-        buffer = torch.empty(b, min(CHUNK, length), d, n)  # reused: exp(delta * A) per chunk
-        for start in range(0, length, CHUNK):
-            stop = min(start + CHUNK, length)
-            decay = buffer[:, : stop - start]
-            torch.mul(delta_t[:, start:stop].unsqueeze(-1), A_t, out=decay)
-            decay.exp_()
-            _scan_chunk(
-                decay.numpy(), u32[:, start:stop], delta32[:, start:stop],
-                B32[:, start:stop], C32[:, start:stop], D32, h, y[:, start:stop],
-                plan.slots[:, start:stop], plan.load[:, start:stop], states,
-            )  # fmt: skip
-        captured = torch.from_numpy(plan.per_column(states)) if capture is not None else None
-        return torch.from_numpy(y), torch.from_numpy(h), captured
+        _scan_forward(
+            _view(u, pad), _view(delta, pad), _np(A, pad, axis=0), _view(B), _view(C),
+            _np(D, pad), _np(bias, pad), delta_bias is not None, _view(gates, pad), h, y,
+            plan.slots, plan.load, states,
+        )  # fmt: skip
+        captured = plan.per_column(states)[:, :, :d] if capture is not None else None
+        return (
+            torch.from_numpy(y[:, :, :d]),
+            torch.from_numpy(h[:, :d]),
+            torch.from_numpy(np.ascontiguousarray(captured)) if captured is not None else None,
+        )
 
 
 class _CompiledScan(torch.autograd.Function):
@@ -206,7 +221,7 @@ class _CompiledScan(torch.autograd.Function):
         u32, delta32, B32, C32 = _np(u), _np(delta), _np(B), _np(C)
         A32, D32, dy32 = _np(A), _np(D), _np(dy)
         dh = _np(dh_last).copy() if dh_last is not None else np.zeros((b, d, n), np.float32)
-        plan = _SlotPlan.of(capture, None, b, length)
+        plan = SlotPlan.of(capture, None, b, length)
         dcap = np.zeros((b, plan.width, d, n), np.float32)  # per slot: columns summed
         if dcaptured is not None:
             plan.add_per_slot(_np(dcaptured), dcap)
@@ -261,7 +276,7 @@ def compiled_scan(
 
 
 @dataclass(frozen=True)
-class _SlotPlan:
+class SlotPlan:
     """Where the compiled kernels keep the states that are asked for.
 
     A slot holds the state after one position of one row, however many capture columns ask
@@ -282,7 +297,7 @@ class _SlotPlan:
 
     @classmethod
     def of(cls, capture: torch.Tensor | None, parent: torch.Tensor | None, b: int,
-           length: int) -> _SlotPlan:  # fmt: skip
+           length: int) -> SlotPlan:  # fmt: skip
         """capture (b, k) positions (-1 none) or None; parent (b, l) or None."""
         asked = capture.cpu().numpy() if capture is not None else np.zeros((b, 0), np.int64)
         slots = np.full((b, length), -1, dtype=np.int64)
@@ -324,47 +339,119 @@ class _SlotPlan:
         np.add.at(out, (rows, self.columns[rows, cols]), per_column[rows, cols])
 
 
-def _np(x: torch.Tensor) -> npt.NDArray[np.float32]:
-    return np.ascontiguousarray(x.detach().float().cpu().numpy())
+def _view(x: torch.Tensor, pad: int = 0) -> npt.NDArray[np.float32]:
+    """x as float32 numpy without a copy where it already is one (a strided view is fine:
+    the kernel reads each step's inputs once), else a padded copy (``_np``)."""
+    if pad or x.dtype != torch.float32 or x.device.type != "cpu":
+        return _np(x, pad)
+    array: npt.NDArray[np.float32] = x.detach().numpy()
+    return array
 
 
-@numba.njit(parallel=True, cache=True, fastmath=True)
-def _scan_chunk(
-    decay: npt.NDArray[np.float32],  # (b, T, d, n)
-    u: npt.NDArray[np.float32],  # (b, T, d)
-    delta: npt.NDArray[np.float32],  # (b, T, d)
-    B: npt.NDArray[np.float32],  # (b, T, n)
-    C: npt.NDArray[np.float32],  # (b, T, n)
+def _np(x: torch.Tensor, pad: int = 0, axis: int = -1) -> npt.NDArray[np.float32]:
+    """A contiguous float32 array, with ``pad`` zero entries appended along ``axis``."""
+    array = np.ascontiguousarray(x.detach().float().cpu().numpy())
+    if not pad:
+        return array
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (0, pad)
+    return np.pad(array, widths)
+
+
+@numba.njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
+def _scan_forward(
+    u: npt.NDArray[np.float32],  # (b, l, d), d a multiple of LANES
+    delta: npt.NDArray[np.float32],  # (b, l, d)
+    A: npt.NDArray[np.float32],  # (d, n)
+    B: npt.NDArray[np.float32],  # (b, l, n)
+    C: npt.NDArray[np.float32],  # (b, l, n)
     D: npt.NDArray[np.float32],  # (d,)
+    delta_bias: npt.NDArray[np.float32],  # (d,): added to delta before softplus
+    softplus: bool,  # delta is the projection before bias and softplus
+    gate: npt.NDArray[np.float32],  # (b, l, d) multiplies y by SiLU(gate); (b, 0, d): none
     h: npt.NDArray[np.float32],  # (b, d, n), updated in place
-    y: npt.NDArray[np.float32],  # (b, T, d), written
-    slots: npt.NDArray[np.int64],  # (b, T): the slot written after each step, or -1
-    load: npt.NDArray[np.int64],  # (b, T): slot of the state a branching step continues, or -1
+    y: npt.NDArray[np.float32],  # (b, l, d), written
+    slots: npt.NDArray[np.int64],  # (b, l): the slot written after each step, or -1
+    load: npt.NDArray[np.int64],  # (b, l): slot of the state a branching step continues, or -1
     captured: npt.NDArray[np.float32],  # (b, slots, d, n): written at slots, read at load
 ) -> None:
-    nb, steps, nd, nn = decay.shape
-    for job in numba.prange(nb * nd):
-        bi = job // nd
-        di = job % nd
-        state = h[bi, di].copy()
-        for t in range(steps):
-            source = load[bi, t]
-            if source >= 0:  # a branch: continue its parent's state, not the previous step's
-                state[:] = captured[bi, source, di, :]
-            drive = delta[bi, t, di] * u[bi, t, di]
-            a, b_t, c_t = decay[bi, t, di], B[bi, t], C[bi, t]  # rows over n
-            # Two simple loops (an update, then a float32 reduction) rather than one: the
-            # compiler vectorises these; the fused loop ran about a quarter slower.
-            for ni in range(nn):
-                state[ni] = a[ni] * state[ni] + drive * b_t[ni]
-            acc = np.float32(0.0)
-            for ni in range(nn):
-                acc += c_t[ni] * state[ni]
-            y[bi, t, di] = acc + D[di] * u[bi, t, di]
-            slot = slots[bi, t]
-            if slot >= 0:
-                captured[bi, slot, di, :] = state
-        h[bi, di] = state
+    """One parallel job per (row, group of LANES channels), walking time in tiles of TILE
+    steps. Every inner loop runs over LANES adjacent channels (the state is held as
+    (n, LANES)) or over a whole tile: fixed or long counts, which the compiler turns into
+    whole vector operations, exp(delta * A) included (``fastmath.exp2`` of delta * A log2 e).
+    No (b, l, d, n) decay tensor is ever written, and y needs no reduction across lanes.
+    A tile's (TILE, LANES) inputs are copied into local buffers first, so the softplus and
+    the gate run as long vector loops even when the inputs are strided views."""
+    nb, steps, nd = u.shape
+    nn = A.shape[1]
+    groups = nd // LANES
+    gated = gate.shape[1] > 0
+    size = TILE * LANES
+    for job in numba.prange(nb * groups):
+        bi = job // groups
+        d0 = (job % groups) * LANES
+        state = np.empty((nn, LANES), np.float32)
+        a = np.empty((nn, LANES), np.float32)  # A log2 e
+        for ni in range(nn):
+            for w in range(LANES):
+                state[ni, w] = h[bi, d0 + w, ni]
+                a[ni, w] = A[d0 + w, ni] * fastmath.LOG2E
+        bias = np.empty(size, np.float32)  # per tile entry (step-major, then lane)
+        skip = np.empty(size, np.float32)
+        for i in range(size):
+            bias[i] = delta_bias[d0 + i % LANES]
+            skip[i] = D[d0 + i % LANES]
+        step = np.empty(size, np.float32)  # delta_t
+        inputs = np.empty(size, np.float32)  # u_t, later the gate
+        drive = np.empty(size, np.float32)  # delta_t * u_t
+        out = np.empty(size, np.float32)  # y_t
+        for t0 in range(0, steps, TILE):
+            m = min(TILE, steps - t0)
+            for tt in range(m):
+                for w in range(LANES):
+                    step[tt * LANES + w] = delta[bi, t0 + tt, d0 + w]
+                    inputs[tt * LANES + w] = u[bi, t0 + tt, d0 + w]
+            if softplus:
+                for i in range(m * LANES):
+                    step[i] = fastmath.softplus(step[i] + bias[i])
+            for i in range(m * LANES):
+                drive[i] = step[i] * inputs[i]
+                out[i] = skip[i] * inputs[i]
+            for tt in range(m):
+                t = t0 + tt
+                source = load[bi, t]
+                if source >= 0:  # a branch: continue its parent's state, not the previous step's
+                    for ni in range(nn):
+                        for w in range(LANES):
+                            state[ni, w] = captured[bi, source, d0 + w, ni]
+                o = tt * LANES
+                for ni in range(nn):
+                    b_t = B[bi, t, ni]
+                    c_t = C[bi, t, ni]
+                    for w in range(LANES):
+                        s = (
+                            fastmath.exp2(step[o + w] * a[ni, w]) * state[ni, w]
+                            + drive[o + w] * b_t
+                        )
+                        state[ni, w] = s
+                        out[o + w] += c_t * s
+                slot = slots[bi, t]
+                if slot >= 0:
+                    for ni in range(nn):
+                        for w in range(LANES):
+                            captured[bi, slot, d0 + w, ni] = state[ni, w]
+            if gated:
+                for tt in range(m):
+                    for w in range(LANES):
+                        inputs[tt * LANES + w] = gate[bi, t0 + tt, d0 + w]
+                for i in range(m * LANES):
+                    out[i] *= fastmath.silu(inputs[i])
+            for tt in range(m):
+                for w in range(LANES):
+                    y[bi, t0 + tt, d0 + w] = out[tt * LANES + w]
+        for ni in range(nn):
+            for w in range(LANES):
+                h[bi, d0 + w, ni] = state[ni, w]
 
 
 @numba.njit(parallel=True, cache=True, fastmath=True)

@@ -4,6 +4,7 @@ versions are measured in both cases, and they agree."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -37,3 +38,16 @@ def test_the_loaded_revision_is_what_the_model_calls_while_in_use() -> None:
 def test_an_unknown_revision_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"cannot read model/scan\.py at 'no-such-rev'"):
         scan_versions.load_revision("no-such-rev", REPO)
+
+
+def test_a_scan_before_the_fused_kernel_is_a_clear_error() -> None:
+    """As model/scan.py was until f677de8: delta after its softplus, no gate."""
+
+    def fast_scan(*inputs: object, capture: object = None, parent: object = None) -> None:
+        """The old keywords: no delta_bias, no gate."""
+
+    old = ModuleType("old_scan")
+    old.fast_scan = fast_scan  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="predates the fused forward kernel"):
+        scan_versions.check_compatible(old, "f677de8")
+    scan_versions.check_compatible(scan, "current")  # the current one passes

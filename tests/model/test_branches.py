@@ -8,7 +8,6 @@ from contextlib import AbstractContextManager
 import pytest
 import torch
 
-from model import scan
 from model.branches import Branches
 from model.config import ModelConfig
 from model.network import EHRMamba, ModelState, TokenBatch
@@ -54,13 +53,10 @@ def _start(model: EHRMamba, carried: bool) -> ModelState | None:
     return state
 
 
-@pytest.mark.parametrize("chunk", [3, 128], ids=["branches-cross-chunks", "one-chunk"])
 @pytest.mark.parametrize("carried", [False, True], ids=["empty-start", "carried-start"])
 @pytest.mark.parametrize("grad", [False, True], ids=["fast-scan", "reference-scan"])
-def test_every_token_of_a_tree_equals_its_path_scanned_alone(
-    grad: bool, carried: bool, chunk: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(scan, "CHUNK", chunk)
+def test_every_token_of_a_tree_equals_its_path_scanned_alone(grad: bool, carried: bool) -> None:
+    """(Branches across the compiled kernel's time tiles: ``tests/model/test_kernels.py``.)"""
     model = _model()
     batch = random_batch(2, len(PARENTS), seed=3)
     parent = torch.tensor([PARENTS, list(range(-1, len(PARENTS) - 1))])  # row 1: plain chain
