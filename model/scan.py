@@ -165,11 +165,11 @@ def fast_scan(
             _np(D, pad), _np(bias, pad), delta_bias is not None, _view(gates, pad), h, y,
             plan.slots, plan.load, states,
         )  # fmt: skip
-        captured = plan.per_column(states)[:, :, :d] if capture is not None else None
+        captured = plan.per_column(states, d) if capture is not None else None
         return (
             torch.from_numpy(y[:, :, :d]),
             torch.from_numpy(h[:, :d]),
-            torch.from_numpy(np.ascontiguousarray(captured)) if captured is not None else None,
+            torch.from_numpy(captured) if captured is not None else None,
         )
 
 
@@ -325,11 +325,17 @@ class SlotPlan:
                 load[row, t] = slot_of(int(row), int(par[row, t]))
         return cls(slots, columns, load, sorted(start_slot.items()), max([1, *used]))
 
-    def per_column(self, states: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """States per slot (b, width, ...) -> per capture column (b, k, ...), zeros at -1."""
+    def per_column(
+        self, states: npt.NDArray[np.float32], channels: int | None = None
+    ) -> npt.NDArray[np.float32]:
+        """States per slot (b, width, d, ...) -> per capture column (b, k, d, ...), zeros
+        at -1; ``channels``: keep only the first that many of d (the scan's padding)."""
         rows = np.arange(states.shape[0])[:, None]
-        picked: npt.NDArray[np.float32] = states[rows, self.columns.clip(min=0)]
-        return picked * (self.columns >= 0).reshape(*self.columns.shape, 1, 1)
+        picked: npt.NDArray[np.float32] = states[rows, self.columns.clip(min=0), :channels]
+        unused = self.columns < 0
+        if unused.any():
+            picked[unused] = 0
+        return picked
 
     def add_per_slot(
         self, per_column: npt.NDArray[np.float32], out: npt.NDArray[np.float32]
