@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import scan
-from model.branches import Branches
 from model.config import ModelConfig
 from model.conv import causal_conv, fast_causal_conv_silu
-from model.scan import SlotPlan, reference_scan
+from model.route import Route
+from model.scan import reference_scan
 
 
 @dataclass(frozen=True)
@@ -84,32 +84,28 @@ class MambaMixer(nn.Module):
         )
 
     def forward(
-        self,
-        x: torch.Tensor,
-        state: LayerState | None = None,
-        capture: torch.Tensor | None = None,
-        branches: Branches | None = None,
-        plan: SlotPlan | None = None,
+        self, x: torch.Tensor, state: LayerState | None = None, route: Route | None = None
     ) -> tuple[torch.Tensor, LayerState, LayerState | None]:
         """x (b, l, h) -> (out (b, l, h), state after the last step, captured states).
 
-        ``capture`` (b, k) asks for the state after position t of each row (-1: none); it
-        gives LayerState(conv (b, k, d, K-1), ssm (b, k, d, n)), differentiable in
-        training (the state a task token's branch starts from). ``branches`` makes each row
-        a token tree (``model.branches``); states are then those along each token's path.
-        ``plan``: where the compiled scan keeps those states (``SlotPlan.of(capture,
-        parent, b, l)``), made once per forward for every block; made here if absent.
+        ``route`` (``model.route``, made once per forward) may ask for the state after
+        chosen positions of each row: they come back as LayerState(conv (b, k, d, K-1),
+        ssm (b, k, d, n)), differentiable in training (the state a task token's branch
+        starts from). It may also make each row a token tree (``model.branches``); states
+        are then those along each token's path.
         """
         b = x.shape[0]
         start = state or self.empty_state(b, x.device)
-        if x.shape[1] == 1 and capture is None:  # a one-token row is never a tree
+        if x.shape[1] == 1 and route is None:  # one token, nothing to capture: the step
             return self._step(x, start)
+        capture = route.capture if route is not None else None
+        branches = route.branches if route is not None else None
+        parent = branches.parent if branches is not None else None
         xz = self.in_proj(x)
         xs, z = xz.chunk(2, dim=-1)  # (b, l, d) each
         conv_in = torch.cat([start.conv.transpose(1, 2).to(xs.dtype), xs], dim=1)  # (b, K-1+l, d)
         length = xs.shape[1]
         weight = self.conv1d.weight[:, 0, :]  # (d, K)
-        parent = branches.parent if branches is not None else None
         compiled = x.device.type == "cpu" and not torch.is_grad_enabled()
         if compiled:
             u = fast_causal_conv_silu(conv_in, weight, self.conv1d.bias, branches)
@@ -117,16 +113,16 @@ class MambaMixer(nn.Module):
             u = F.silu(causal_conv(conv_in, weight, self.conv1d.bias, branches))  # (b, l, d)
         A = -torch.exp(self.A_log.float())  # (d, n)
         ssm_captured: torch.Tensor | None = None
-        plain = state is None and capture is None and parent is None
         raw_delta, B, C = self._selection(u)
         if compiled:  # the time step's softplus and the output gate ride in the scan's pass
             gated, h, ssm_captured = scan.fast_scan(
                 u, raw_delta, A, B, C, self.D, start.ssm, capture, parent,
-                delta_bias=self.dt_proj.bias, gate=z, plan=plan,
+                delta_bias=self.dt_proj.bias, gate=z,
+                plan=route.plan if route is not None else None,
             )  # fmt: skip
         else:
             delta = F.softplus(raw_delta + self.dt_proj.bias)
-            if x.is_cuda and plain and scan.cuda_scan is not None:
+            if x.is_cuda and route is None and state is None and scan.cuda_scan is not None:
                 y, h = scan.cuda_scan(u, delta, A, B, C, self.D)
             elif x.device.type != "cpu" or parent is not None:
                 # Trees with gradients (nothing trains on them yet) take the reference path.
@@ -139,15 +135,13 @@ class MambaMixer(nn.Module):
                 )
             gated = y * F.silu(z)
         captured: LayerState | None = None
-        if capture is not None and ssm_captured is not None:
-            windows = _conv_windows(conv_in, capture, branches, self.kernel)
-            captured = LayerState(windows, ssm_captured)
+        if route is not None and capture is not None and ssm_captured is not None:
+            captured = LayerState(route.captured_conv(conv_in), ssm_captured)
         out = self.out_proj(gated.to(x.dtype))
-        if branches is None:
+        if route is not None and route.end is not None:  # a tree: the last token's path
+            end_conv = route.end_conv(conv_in)
+        else:
             end_conv = conv_in[:, length:].transpose(1, 2)
-        else:  # the last token's path, which need not be the row's last K-1 inputs
-            last = torch.full((b, 1), length - 1, dtype=torch.int64, device=x.device)
-            end_conv = _conv_windows(conv_in, last, branches, self.kernel)[:, 0]
         return out, LayerState(end_conv, h), captured
 
     def _selection(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -178,27 +172,6 @@ class MambaMixer(nn.Module):
         return out, LayerState(window[:, :, 1:], h), None
 
 
-def _conv_windows(
-    conv_in: torch.Tensor, capture: torch.Tensor, branches: Branches | None, kernel: int
-) -> torch.Tensor:
-    """The conv state after each captured position: the K-1 inputs ending there.
-
-    conv_in (b, K-1+l, d) holds the saved K-1 inputs then the new ones, so along a plain
-    sequence the window after position t is conv_in[:, t+1 : t+K]; in a token tree it
-    follows the token's path (``Branches.windows``). capture (b, k), -1 for none.
-    Returns (b, k, d, K-1).
-    """
-    b, k = capture.shape
-    rows = torch.arange(b, device=conv_in.device).view(b, 1)
-    if branches is not None:
-        index = branches.windows.to(conv_in.device)[rows, capture.clamp(min=0), 1:]
-    else:
-        offsets = torch.arange(1, kernel, device=conv_in.device)  # (K-1,)
-        index = capture.clamp(min=0).unsqueeze(-1) + offsets  # (b, k, K-1)
-    windows = conv_in[rows.unsqueeze(-1), index]  # (b, k, K-1, d)
-    return windows.transpose(2, 3) * (capture >= 0).view(b, k, 1, 1)
-
-
 class MambaBlock(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)); the residual is kept in float32."""
 
@@ -208,12 +181,7 @@ class MambaBlock(nn.Module):
         self.mixer = MambaMixer(config)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        state: LayerState | None = None,
-        capture: torch.Tensor | None = None,
-        branches: Branches | None = None,
-        plan: SlotPlan | None = None,
+        self, x: torch.Tensor, state: LayerState | None = None, route: Route | None = None
     ) -> tuple[torch.Tensor, LayerState, LayerState | None]:
-        out, end, captured = self.mixer(self.norm(x), state, capture, branches, plan)
+        out, end, captured = self.mixer(self.norm(x), state, route)
         return x.float() + out, end, captured

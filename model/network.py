@@ -21,10 +21,9 @@ from typing import cast
 import torch
 from torch import nn
 
-from model.branches import Branches
 from model.config import ModelConfig
 from model.mamba import LayerState, MambaBlock, RMSNorm
-from model.scan import SlotPlan
+from model.route import Route
 from model.tasks import Task
 
 _WEEKS_PER_YEAR = 52.1775
@@ -144,18 +143,12 @@ class EHRMamba(nn.Module):
         reaches that state.
         """
         x = self.input_embeddings(batch)
-        branches = Branches.of(parent, self.config.conv_kernel) if parent is not None else None
         b, length = batch.concept.shape
-        plan = (
-            SlotPlan.of(capture, parent, b, length)
-            if capture is not None or parent is not None
-            else None
-        )
+        route = Route.of(capture, parent, b, length, self.config.conv_kernel)
         ends: list[LayerState] = []
         captured: list[LayerState] = []
         for i, block in enumerate(self.backbone.blocks()):
-            layer_state = state.layers[i] if state else None
-            x, end, cap = block(x, layer_state, capture, branches, plan)
+            x, end, cap = block(x, state.layers[i] if state else None, route)
             ends.append(end)
             if cap is not None:
                 captured.append(cap)
