@@ -281,7 +281,7 @@ class Engine:
         state = concat([s.cache.end_state for s in scans])
         hidden = torch.stack([s.cache.end_hidden for s in scans])  # (b, h)
         sequences = [item.sequence for item in inputs]
-        for _ in range(steps):
+        for step in range(steps):
             logits = self.model.next_token_logits(hidden).masked_fill(self._not_forecast, -1e9)
             probs = torch.softmax(logits, dim=-1)  # (b, v)
             chosen = _choose(probs, top_p, generator)
@@ -298,6 +298,8 @@ class Engine:
                         ),
                     )
                 )
+            if step == steps - 1:
+                break  # the last choice is made; stepping past it would be wasted
             sequences = [
                 append_event(seq, int(chosen[i]), self.vocab.type_of(int(chosen[i])))
                 for i, seq in enumerate(sequences)
