@@ -10,7 +10,7 @@ import httpx
 from tests.conftest import LoadedServer
 from tests.service.conftest import make_api
 
-__all__ = ["make_api", "metric", "outcome", "predicted", "small_patient"]
+__all__ = ["make_api", "metric", "outcome", "predicted", "same_predictions", "small_patient"]
 
 
 def small_patient(loaded: LoadedServer) -> str:
@@ -34,6 +34,17 @@ def predicted(response: httpx.Response) -> dict[str, Any]:
     body: dict[str, Any] = response.json()
     assert isinstance(body["id"], int)
     return body
+
+
+def same_predictions(a: dict[str, Any], b: dict[str, Any], tolerance: float = 1e-6) -> None:
+    """Assert two answers' predictions agree: the same tasks and risk bands, probabilities
+    within ``tolerance``. A score continued from a cached state and one from a fresh scan
+    do the same arithmetic on differently shaped batches, so the matrix library may sum in
+    another order and differ in the last float32 bits; anything larger is a real change."""
+    assert a.keys() == b.keys()
+    for task, prediction in a.items():
+        assert prediction["risk"] == b[task]["risk"], task
+        assert abs(prediction["probability"] - b[task]["probability"]) <= tolerance, task
 
 
 async def metric(api: httpx.AsyncClient, sample: str) -> float:

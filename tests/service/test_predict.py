@@ -166,7 +166,9 @@ async def test_steps_run_in_onnxruntime_unless_told_otherwise(
             assert response.status_code == 200, response.text
             bodies[backend] = response.json()
         steps[backend] = len(runs)
-    assert steps["onnxruntime"] >= 3, "the task branches and each forecast step"
+    # The task tokens ride in the scan; each forecast step but the last (whose state nothing
+    # reads) is one onnxruntime run.
+    assert steps["onnxruntime"] == 2
     assert steps["pytorch"] == 0
     onnx, torch_ = (bodies[b] for b in ("onnxruntime", "pytorch"))
     assert onnx["predictions"].keys() == torch_["predictions"].keys()

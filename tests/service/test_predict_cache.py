@@ -58,7 +58,8 @@ async def test_repeat_and_incremental_calls_equal_a_cold_recompute(
 
             again = await _predict(api, patient, forecast=2)
             assert again["cache"] == {"record": "incremental", "state": "hit", "scanned_tokens": 0}
-            assert _probabilities(again) == _probabilities(first)
+            # From the cache: the same arithmetic on other batch shapes, to float32 rounding.
+            assert _probabilities(again) == pytest.approx(_probabilities(first), abs=1e-6)
             assert again["forecast"] == first["forecast"]
 
             await put_resources(fhir, added)
@@ -118,7 +119,7 @@ async def test_redis_is_shared_across_replicas_and_its_loss_is_survived(
     async with make_api(**shared) as two:  # another replica, same Redis and key
         second = await _predict(two, patient)
     assert second["cache"] == {"record": "incremental", "state": "hit", "scanned_tokens": 0}
-    assert _probabilities(second) == _probabilities(first)
+    assert _probabilities(second) == pytest.approx(_probabilities(first), abs=1e-6)
 
     gone = {**shared, "redis_url": "redis://127.0.0.1:9/0"}  # nothing listens there
     async with make_api(**gone) as lonely:
