@@ -55,9 +55,9 @@ def fast_causal_conv_silu(
         b, total, d = conv_in.shape
         kernel = weight.shape[1]
         length = total - (kernel - 1)
-        source = np.ascontiguousarray(conv_in.detach().float().numpy())
-        taps = np.ascontiguousarray(weight.detach().float().t().numpy())  # (K, d)
-        offset = bias.detach().float().numpy() if bias is not None else np.zeros(d, np.float32)
+        source = fastmath.as_array(conv_in)
+        taps = fastmath.as_array(weight.t())  # (K, d)
+        offset = fastmath.as_array(bias) if bias is not None else np.zeros(d, np.float32)
         windows = (
             branches.windows.numpy()
             if branches is not None

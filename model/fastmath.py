@@ -1,4 +1,5 @@
-"""exp, SiLU and softplus for the compiled kernels, written so the compiler vectorises them.
+"""What the compiled kernels share: exp, SiLU and softplus written so the compiler
+vectorises them, and the hand-off of tensors to the kernels as float32 arrays.
 
 numba turns ``np.exp`` into a call of the C library's scalar ``expf`` (its vector maths
 library, SVML, is absent from the PyPI builds), so a loop that needs an exponential per
@@ -30,6 +31,8 @@ from typing import Any, cast
 
 import numba
 import numpy as np
+import numpy.typing as npt
+import torch
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
@@ -113,3 +116,23 @@ def softplus(x: np.float32) -> np.float32:
     series = series * s2 + _ONE
     log_v = _TWO * s * series + (_LN2 if high else _ZERO)
     return x if x > _SOFTPLUS_LINEAR else max(x, _ZERO) + log_v
+
+
+def as_array(x: torch.Tensor, pad: int = 0, axis: int = -1) -> npt.NDArray[np.float32]:
+    """x as a contiguous float32 array (a copy unless it already is one), with ``pad``
+    zero entries appended along ``axis``."""
+    result = np.ascontiguousarray(x.detach().float().cpu().numpy())
+    if not pad:
+        return result
+    widths = [(0, 0)] * result.ndim
+    widths[axis] = (0, pad)
+    return np.pad(result, widths)
+
+
+def as_view(x: torch.Tensor, pad: int = 0) -> npt.NDArray[np.float32]:
+    """x as float32 numpy without a copy where it already is one (a strided view is fine
+    for a kernel that reads each element once), else a padded copy (``as_array``)."""
+    if pad or x.dtype != torch.float32 or x.device.type != "cpu":
+        return as_array(x, pad)
+    shared: npt.NDArray[np.float32] = x.detach().numpy()
+    return shared

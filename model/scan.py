@@ -38,11 +38,12 @@ import numpy.typing as npt
 import torch
 
 from model import fastmath
+from model.fastmath import as_array, as_view
 
 # Channels per parallel job of the forward kernel, scanned side by side as whole vectors
 # (eight AVX2 registers; the compiler unrolls loops of this fixed count), and time steps
-# whose inputs it stages at once. Measured side by side on the compact size at 2,048 tokens
-# (docs/benchmarks.md): 64 x 16 ran a fifth faster than 16 x 32, 128 no faster than 64.
+# whose inputs it stages at once. On the compact size at 2,048 tokens 64 x 16 ran a fifth
+# faster than 16 x 32 (`ehrmamba bench scan-versions`, docs/benchmarks.md).
 LANES = 64
 TILE = 16
 # Time steps per checkpoint of the backward; its exp(delta * A) per chunk stays in cache.
@@ -157,15 +158,19 @@ def fast_scan(
         pad = -d % LANES  # channels are scanned LANES at a time; pad with inert ones
         bias = delta_bias if delta_bias is not None else torch.zeros(d)
         gates = gate if gate is not None else u.new_empty(b, 0, d)
-        h = _np(h0, pad, axis=1).copy() if h0 is not None else np.zeros((b, d + pad, n), np.float32)
+        h = (
+            as_array(h0, pad, axis=1).copy()
+            if h0 is not None
+            else np.zeros((b, d + pad, n), np.float32)
+        )
         y = np.empty((b, length, d + pad), dtype=np.float32)
         states = np.zeros((b, plan.width, d + pad, n), dtype=np.float32)
         for row, slot in plan.from_start:  # branches off the start state read it from a slot
             states[row, slot] = h[row]
         _scan_forward(
-            _view(u, pad), _view(delta, pad), _np(A, pad, axis=0), _view(B), _view(C),
-            _np(D, pad), _np(bias, pad), delta_bias is not None, _view(gates, pad), h, y,
-            plan.slots, plan.load, states,
+            as_view(u, pad), as_view(delta, pad), as_array(A, pad, axis=0), as_view(B), as_view(C),
+            as_array(D, pad), as_array(bias, pad), delta_bias is not None, as_view(gates, pad),
+            h, y, plan.slots, plan.load, states,
         )  # fmt: skip
         captured = plan.per_column(states, d) if capture is not None else None
         return (
@@ -220,13 +225,13 @@ class _CompiledScan(torch.autograd.Function):
         u, delta, A, B, C, D, checkpoints, capture = ctx.saved_tensors
         b, length, d = u.shape
         n = A.shape[1]
-        u32, delta32, B32, C32 = _np(u), _np(delta), _np(B), _np(C)
-        A32, D32, dy32 = _np(A), _np(D), _np(dy)
-        dh = _np(dh_last).copy() if dh_last is not None else np.zeros((b, d, n), np.float32)
+        u32, delta32, B32, C32 = (as_array(x) for x in (u, delta, B, C))
+        A32, D32, dy32 = (as_array(x) for x in (A, D, dy))
+        dh = as_array(dh_last).copy() if dh_last is not None else np.zeros((b, d, n), np.float32)
         plan = SlotPlan.of(capture, None, b, length)
         dcap = np.zeros((b, plan.width, d, n), np.float32)  # per slot: columns summed
         if dcaptured is not None:
-            plan.add_per_slot(_np(dcaptured), dcap)
+            plan.add_per_slot(as_array(dcaptured), dcap)
         du = np.empty((b, length, d), np.float32)
         ddelta = np.empty((b, length, d), np.float32)
         dB = np.empty((b, length, n), np.float32)
@@ -234,7 +239,7 @@ class _CompiledScan(torch.autograd.Function):
         dA_part = np.zeros((b, d, n), np.float32)
         dD_part = np.zeros((b, d), np.float32)
         A_t = A.detach().float()
-        saved = _np(checkpoints)
+        saved = as_array(checkpoints)
         groups = min(D_GROUPS, d)
         for index in reversed(range(saved.shape[1])):
             start = index * CHUNK
@@ -345,25 +350,6 @@ class SlotPlan:
         """Sum gradients per capture column (b, k, ...) into their slots (b, width, ...)."""
         rows, cols = np.nonzero(self.columns >= 0)
         np.add.at(out, (rows, self.columns[rows, cols]), per_column[rows, cols])
-
-
-def _view(x: torch.Tensor, pad: int = 0) -> npt.NDArray[np.float32]:
-    """x as float32 numpy without a copy where it already is one (a strided view is fine:
-    the kernel reads each step's inputs once), else a padded copy (``_np``)."""
-    if pad or x.dtype != torch.float32 or x.device.type != "cpu":
-        return _np(x, pad)
-    array: npt.NDArray[np.float32] = x.detach().numpy()
-    return array
-
-
-def _np(x: torch.Tensor, pad: int = 0, axis: int = -1) -> npt.NDArray[np.float32]:
-    """A contiguous float32 array, with ``pad`` zero entries appended along ``axis``."""
-    array = np.ascontiguousarray(x.detach().float().cpu().numpy())
-    if not pad:
-        return array
-    widths = [(0, 0)] * array.ndim
-    widths[axis] = (0, pad)
-    return np.pad(array, widths)
 
 
 @numba.njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
