@@ -19,8 +19,8 @@ Cases (random weights; timing does not depend on them):
   autograd through the reference loop.
 - ``compute_floor``: FLOPs of the forward over the measured matmul throughput.
 
-Every measurement is a median over ``runs``; ``peak_mb`` is the largest rise of this
-process's resident memory above its level before the case started.
+Every measurement is a median over ``runs`` after a warm-up call; ``peak_mb`` is the largest
+rise of this process's resident memory during one more call, sampled every 5 ms.
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ def _serving_cases(model: EHRMamba, vocab: Vocabulary, quick: bool) -> Iterator[
     engine = Engine(model, vocab)
     seq = _sequence(2048, vocab)
     runs = 1 if quick else 5
+    small_runs = 1 if quick else 30  # cases of a few milliseconds: more runs, same time
     one = PatientInput(seq, los_cut=len(seq) - 300)
     yield _measure(
         "six_tasks_forecast",
@@ -157,7 +158,12 @@ def _serving_cases(model: EHRMamba, vocab: Vocabulary, quick: bool) -> Iterator[
     with torch.no_grad():
         _, state, _ = model(head)
     yield _measure(
-        "append_10_events", "ours_state_update", "compact", 10, runs, lambda: model(tail, state)
+        "append_10_events",
+        "ours_state_update",
+        "compact",
+        10,
+        small_runs,
+        lambda: model(tail, state),
     )
     yield _measure(
         "append_10_events", "ours_full_forward", "compact", 2058, runs, lambda: model(whole)
@@ -167,7 +173,7 @@ def _serving_cases(model: EHRMamba, vocab: Vocabulary, quick: bool) -> Iterator[
         "ours_incremental",
         "compact",
         10,
-        runs,
+        small_runs,
         lambda: engine.score([cached], list(Task)),
     )
     yield _measure(
@@ -318,13 +324,19 @@ def _floor(config: ModelConfig, tokens: int) -> Measurement:
 def _measure(
     case: str, impl: str, size: str, tokens: int, runs: int, fn: Callable[[], object]
 ) -> Measurement:
+    """The median of ``runs`` timed calls after a warm-up call, and the peak memory rise of
+    one more call. That call alone is sampled: the sampler's wake-ups every 5 ms take the
+    interpreter lock and a core from a call of a few milliseconds, and made an incremental
+    update look 1.5x to 2x slower here."""
     times: list[float] = []
-    with torch.no_grad(), _peak_rss() as peak:
+    with torch.no_grad():
         fn()  # warm-up: compilation, allocator
         for _ in range(runs):
             started = time.perf_counter()
             fn()
             times.append(time.perf_counter() - started)
+        with _peak_rss() as peak:
+            fn()
     return Measurement(case, impl, size, tokens, statistics.median(times), peak(), runs)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 
@@ -49,10 +50,9 @@ class Branches:
 
         Raises ValueError when a token's parent is not an earlier position or -1."""
         par = parent.cpu().numpy().astype(np.int64)
+        check_parents(par)
         b, length = par.shape
         steps = np.arange(length)
-        if ((par >= steps) | (par < -1)).any():
-            raise ValueError("a token's parent must be an earlier position, or -1 (the start)")
         windows = np.empty((b, length, kernel), dtype=np.int64)
         current = np.broadcast_to(steps, (b, length)).copy()
         windows[:, :, kernel - 1] = current
@@ -71,3 +71,10 @@ class Branches:
             positions=torch.from_numpy(positions),
             off_windows=torch.from_numpy(windows[rows, positions]),
         )
+
+
+def check_parents(parent: npt.NDArray[np.int64]) -> None:
+    """Raise ValueError unless every token's parent (b, l) is an earlier position or -1."""
+    steps = np.arange(parent.shape[1])
+    if ((parent >= steps) | (parent < -1)).any():
+        raise ValueError("a token's parent must be an earlier position, or -1 (the start)")

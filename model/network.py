@@ -21,6 +21,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from model import packed
 from model.config import ModelConfig
 from model.mamba import LayerState, MambaBlock, RMSNorm
 from model.route import Route
@@ -121,6 +122,7 @@ class EHRMamba(nn.Module):
         # for every task; see docs/results.md.
         self.clinical_head = nn.Sequential(nn.Dropout(config.dropout),
                                            nn.Linear(config.hidden_size, len(Task)))  # fmt: skip
+        self._packed_weights: packed.PackedBackbone | None = None
 
     def input_embeddings(self, batch: TokenBatch) -> torch.Tensor:
         """(b, l, h): what ``MambaModel`` would receive as ``inputs_embeds``."""
@@ -143,6 +145,11 @@ class EHRMamba(nn.Module):
         reaches that state.
         """
         x = self.input_embeddings(batch)
+        if packed.applies(x):  # a few tokens: the blocks in one compiled call
+            hidden, last, caught = self._packed().forward(
+                x, state.layers if state else None, capture, parent
+            )
+            return hidden, ModelState(last), ModelState(caught) if caught is not None else None
         b, length = batch.concept.shape
         route = Route.of(capture, parent, b, length, self.config.conv_kernel)
         ends: list[LayerState] = []
@@ -154,6 +161,14 @@ class EHRMamba(nn.Module):
                 captured.append(cap)
         hidden = self.backbone.norm_f(x)
         return hidden, ModelState(tuple(ends)), ModelState(tuple(captured)) if captured else None
+
+    def _packed(self) -> packed.PackedBackbone:
+        """The blocks' weights packed for ``model.packed``, repacked when one has changed."""
+        current = self._packed_weights
+        if current is None or not current.unchanged():
+            current = packed.PackedBackbone.of(self.backbone.blocks(), self.backbone.norm_f)
+            self._packed_weights = current
+        return current
 
     def next_token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., h) -> (..., v)"""

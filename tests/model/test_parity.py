@@ -11,6 +11,7 @@ from model import scan
 from model.config import ModelConfig
 from model.interop import to_transformers
 from model.network import EHRMamba, ModelState, TokenBatch
+from tests.model.paths import INFERENCE_PATHS, use_inference_path
 from tests.model.random_batches import VOCAB, random_batch
 
 TOL = 2e-5
@@ -40,8 +41,13 @@ def test_backbone_weights_load_into_transformers_and_back(model: EHRMamba) -> No
         assert torch.equal(copy.backbone.state_dict()[name], tensor), name
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["fast-scan", "reference-scan"])
-def test_full_forward_matches_transformers(model: EHRMamba, grad: bool) -> None:
+@pytest.mark.parametrize("path", [*INFERENCE_PATHS, "reference-scan"])
+def test_full_forward_matches_transformers(
+    model: EHRMamba, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grad = path == "reference-scan"
+    if not grad:
+        use_inference_path(monkeypatch, path)
     reference = to_transformers(model)
     assert isinstance(reference, MambaModel)
     batch = random_batch(2, 150)  # crosses a fast-scan chunk boundary
@@ -84,7 +90,7 @@ def test_fast_scan_matches_the_reference_from_a_state() -> None:
     assert (h - h_ref).abs().max().item() < TOL
 
 
-def test_step_by_step_equals_the_parallel_forward(model: EHRMamba) -> None:
+def test_step_by_step_equals_the_parallel_forward(model: EHRMamba, inference_path: str) -> None:
     batch = random_batch(2, 25)
     with torch.no_grad():
         whole, end, _ = model(batch)
@@ -101,7 +107,9 @@ def test_step_by_step_equals_the_parallel_forward(model: EHRMamba) -> None:
 
 
 @pytest.mark.parametrize("split", [1, 3, 17, 39])
-def test_continue_from_state_equals_the_whole(model: EHRMamba, split: int) -> None:
+def test_continue_from_state_equals_the_whole(
+    model: EHRMamba, split: int, inference_path: str
+) -> None:
     batch = random_batch(2, 40)
     with torch.no_grad():
         whole, end, _ = model(batch)
@@ -112,7 +120,9 @@ def test_continue_from_state_equals_the_whole(model: EHRMamba, split: int) -> No
         assert (a.ssm - b.ssm).abs().max().item() < TOL
 
 
-def test_captured_states_equal_prefix_runs_and_ignore_padding(model: EHRMamba) -> None:
+def test_captured_states_equal_prefix_runs_and_ignore_padding(
+    model: EHRMamba, inference_path: str
+) -> None:
     """Row 1 is a 12-token sequence right-padded to 30; its capture at 11 must equal the
     state of the 12 tokens alone, whatever the padding does after it."""
     batch = random_batch(2, 30)

@@ -1,0 +1,115 @@
+"""The whole backbone in one compiled call (``model.packed``): equal to the blocks, with
+PyTorch's sgemm or numpy's, taken only where it should be, and never stale after a weight
+changes."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+
+import pytest
+import torch
+from torch import nn
+
+from model import blas, packed
+from model.config import ModelConfig
+from model.network import EHRMamba, ModelState
+from tests.model.paths import use_inference_path
+from tests.model.random_batches import VOCAB, random_batch
+
+TOL = 2e-5
+PARENTS = [-1, 0, 1, 2, 3, 4, 5, 5, 2, 8, -1, 10]  # branches, a deeper branch, a restart
+
+
+def _model(bias: bool = False) -> EHRMamba:
+    torch.manual_seed(2)
+    config = ModelConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, use_bias=bias, dropout=0.0
+    )
+    return EHRMamba(config).eval()
+
+
+def _close(a: ModelState, b: ModelState) -> None:
+    for got, want in zip(a.layers, b.layers, strict=True):
+        assert (got.ssm - want.ssm).abs().max().item() < TOL
+        assert (got.conv - want.conv).abs().max().item() < TOL
+
+
+def _forward(
+    model: EHRMamba, path: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[torch.Tensor, ModelState, ModelState | None]:
+    """Trees in row 0, a right-padded chain in row 1, from a carried state, with captures
+    (-1 included), on one inference path."""
+    with monkeypatch.context() as patch, torch.inference_mode():
+        use_inference_path(patch, path)
+        start = model(random_batch(2, 5, seed=4))[1]
+        parent = torch.tensor([PARENTS, list(range(-1, len(PARENTS) - 1))])
+        capture = torch.tensor([[6, 9, 11], [3, -1, 7]])
+        hidden, end, captured = model(random_batch(2, len(PARENTS), seed=5), start, capture, parent)
+        return hidden, end, captured
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("sgemm", [True, False], ids=["torch-sgemm", "np-dot"])
+def test_packed_equals_the_blocks(bias: bool, sgemm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(bias)
+    with torch.inference_mode():
+        model._packed_weights = dataclasses.replace(model._packed(), use_sgemm=sgemm)
+    hidden, end, captured = _forward(model, "packed", monkeypatch)
+    want_hidden, want_end, want_captured = _forward(model, "blocks", monkeypatch)
+    assert (hidden - want_hidden).abs().max().item() < TOL
+    _close(end, want_end)
+    assert captured is not None
+    assert want_captured is not None
+    _close(captured, want_captured)
+    assert torch.count_nonzero(captured.layers[0].ssm[1, 1]) == 0, "-1 captures nothing"
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.machine() != "x86_64",
+    reason="PyTorch's x86 Linux wheels are the ones known to export MKL's sgemm",
+)
+def test_pytorch_sgemm_is_found_where_its_wheels_export_it() -> None:
+    assert blas.sgemm_address() != 0
+
+
+def test_a_weight_changed_after_packing_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model()
+    before, _, _ = _forward(model, "packed", monkeypatch)
+    mixer = model.backbone.blocks()[1].mixer
+    with torch.no_grad():
+        mixer.in_proj.weight.mul_(1.5)  # in place: an optimizer step, a loaded state dict
+    changed, _, _ = _forward(model, "packed", monkeypatch)
+    want, _, _ = _forward(model, "blocks", monkeypatch)
+    assert (changed - before).abs().max().item() > 1e-3
+    assert (changed - want).abs().max().item() < TOL
+    mixer.out_proj.weight = nn.Parameter(torch.randn_like(mixer.out_proj.weight))  # replaced
+    replaced, _, _ = _forward(model, "packed", monkeypatch)
+    want, _, _ = _forward(model, "blocks", monkeypatch)
+    assert (replaced - changed).abs().max().item() > 1e-3
+    assert (replaced - want).abs().max().item() < TOL
+
+
+def test_only_few_tokens_without_gradients_take_the_packed_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = _model()
+    calls: list[int] = []
+    forward = packed.PackedBackbone.forward
+
+    def spy(self: packed.PackedBackbone, x: torch.Tensor, *args: object) -> object:
+        calls.append(x.shape[0] * x.shape[1])
+        return forward(self, x, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(packed.PackedBackbone, "forward", spy)
+    with torch.no_grad():
+        model(random_batch(2, packed.FEW_TOKENS // 2))
+        model(random_batch(2, packed.FEW_TOKENS // 2 + 1))
+    model(random_batch(1, 8))  # gradients on: training
+    assert calls == [packed.FEW_TOKENS]
+
+
+def test_a_parent_that_is_not_earlier_is_refused_on_the_packed_path() -> None:
+    model = _model()
+    with torch.no_grad(), pytest.raises(ValueError, match="earlier position"):
+        model(random_batch(1, 3), parent=torch.tensor([[-1, 1, 1]]))
