@@ -39,7 +39,7 @@ from model.batching import collate
 from model.mamba import LayerState
 from model.network import STREAMS, EHRMamba, ModelState, TokenBatch
 from model.onnx_step import OnnxStep
-from model.state import concat, pick_captured, select
+from model.state import captured_at, concat
 from model.tasks import Task
 
 _NOT_FORECAST = (PAD, UNK, CLS, *TASK_TOKENS)
@@ -236,9 +236,7 @@ class Engine:
             states: dict[int, ModelState] = {}
             if row.cuts:
                 assert captured is not None
-                slots = torch.arange(len(row.cuts))
-                picked = pick_captured(captured, torch.full((len(row.cuts),), r), slots)
-                states = {cut: select(picked, slots[j : j + 1]) for j, cut in enumerate(row.cuts)}
+                states = {cut: captured_at(captured, r, j) for j, cut in enumerate(row.cuts)}
             outputs.append(_RowOutput(hidden[r, : row.width], states))
         return outputs
 

@@ -32,6 +32,17 @@ def pick_captured(captured: ModelState, rows: torch.Tensor, slots: torch.Tensor)
     )
 
 
+def captured_at(captured: ModelState, row: int, slot: int) -> ModelState:
+    """From captured states (b, k, ...), the one of ``row`` at ``slot`` as a batch of 1: a
+    copy, so a cached cut state does not keep its whole batch's captures alive."""
+    return ModelState(
+        tuple(
+            LayerState(s.conv[row, slot : slot + 1].clone(), s.ssm[row, slot : slot + 1].clone())
+            for s in captured.layers
+        )
+    )
+
+
 def concat(states: list[ModelState]) -> ModelState:
     """Stack batches of states along the batch dimension."""
     layers = zip(*(s.layers for s in states), strict=True)
