@@ -27,7 +27,7 @@ from model.mamba import LayerState, MambaBlock, RMSNorm
 from model.route import Route
 from model.tasks import Task
 
-_WEEKS_PER_YEAR = 52.1775
+WEEKS_PER_YEAR = 52.1775
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class Embeddings(nn.Module):
 
     def forward(self, concepts: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
         """concepts (b, l, h) from the concept table -> input embeddings (b, l, h)"""
-        years = batch.time / _WEEKS_PER_YEAR
+        years = batch.time / WEEKS_PER_YEAR
         x = self.project(torch.cat([concepts, self.time(years), self.age(batch.age)], dim=-1))
         x = x + self.token_type(batch.type) + self.segment(batch.segment)
         x = x + self.visit_order(batch.visit_order.clamp(max=self.max_visit_order))
@@ -122,7 +122,7 @@ class EHRMamba(nn.Module):
         # for every task; see docs/results.md.
         self.clinical_head = nn.Sequential(nn.Dropout(config.dropout),
                                            nn.Linear(config.hidden_size, len(Task)))  # fmt: skip
-        self._packed_weights: packed.PackedBackbone | None = None
+        self._packed_weights: packed.PackedModel | None = None
 
     def input_embeddings(self, batch: TokenBatch) -> torch.Tensor:
         """(b, l, h): what ``MambaModel`` would receive as ``inputs_embeds``."""
@@ -144,12 +144,12 @@ class EHRMamba(nn.Module):
         scores several task tokens, each branching off the same state, in the scan that
         reaches that state.
         """
-        x = self.input_embeddings(batch)
-        if packed.applies(x):  # a few tokens: the blocks in one compiled call
+        if packed.applies(self, batch):  # a few tokens: all of this in one compiled call
             hidden, last, caught = self._packed().forward(
-                x, state.layers if state else None, capture, parent
+                batch, state.layers if state else None, capture, parent
             )
             return hidden, ModelState(last), ModelState(caught) if caught is not None else None
+        x = self.input_embeddings(batch)
         b, length = batch.concept.shape
         route = Route.of(capture, parent, b, length, self.config.conv_kernel)
         ends: list[LayerState] = []
@@ -162,11 +162,11 @@ class EHRMamba(nn.Module):
         hidden = self.backbone.norm_f(x)
         return hidden, ModelState(tuple(ends)), ModelState(tuple(captured)) if captured else None
 
-    def _packed(self) -> packed.PackedBackbone:
-        """The blocks' weights packed for ``model.packed``, repacked when one has changed."""
+    def _packed(self) -> packed.PackedModel:
+        """The weights packed for ``model.packed``, repacked when one has changed."""
         current = self._packed_weights
         if current is None or not current.unchanged():
-            current = packed.PackedBackbone.of(self.backbone.blocks(), self.backbone.norm_f)
+            current = packed.PackedModel.of(self)
             self._packed_weights = current
         return current
 

@@ -1,18 +1,19 @@
-"""The whole backbone in one compiled call, for forwards of a few tokens.
+"""The whole network up to the final norm in one compiled call, for forwards of a few
+tokens.
 
 Shape letters: b batch, l row length, N = b * l tokens, h hidden size, d intermediate
 size, n state size, r time-step rank, K conv kernel width, k captured positions per row,
-L layers (blocks).
+L layers (blocks), e Time2Vec size.
 
 An incremental score (ten new events, two closing tokens, six task tokens) and a forecast
 step are a few tokens each. Their arithmetic is small; what costs is the per-operation
-overhead of running eight blocks as some forty tensor operations each, every one a Python
-call, an allocation and a dispatch. Here the blocks run in one numba call over weights
-packed once (stacked per layer, transposed for ``x @ W``), with the matrix products in
-BLAS (``np.dot``) and everything between them in loops the compiler vectorises. It does
-the same arithmetic as the blocks' fused path (``model.scan.fast_scan``,
-``model.conv.fast_causal_conv_silu``): the same exp, softplus and SiLU, the same order of
-sums in the scan and the convolution; only the matrix library differs (tested against the
+overhead of running the embeddings and eight blocks as some three hundred tensor
+operations, every one a Python call, an allocation and a dispatch. Here they run in one
+numba call over weights packed once (stacked per layer, transposed for ``x @ W``), the
+matrix products through PyTorch's own sgemm (``model.blas``) and everything between them
+in loops the compiler vectorises. It does the same arithmetic as the blocks' fused path
+(``model.scan.fast_scan``, ``model.conv.fast_causal_conv_silu``): the same exp, softplus
+and SiLU, the same order of sums in the scan and the convolution (tested against the
 blocks to float32 rounding).
 
 Rows may be token trees (``model.branches``): every token's state is kept, so a token
@@ -23,6 +24,7 @@ N d n floats, which is why this path is for a few tokens (``FEW_TOKENS``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
@@ -33,7 +35,10 @@ from torch import nn
 from model import blas, fastmath
 from model.blas import gemm
 from model.branches import check_parents
-from model.mamba import LayerState, MambaBlock, RMSNorm
+from model.mamba import LayerState
+
+if TYPE_CHECKING:
+    from model.network import EHRMamba, TokenBatch
 
 FEW_TOKENS = 256  # forwards of at most this many tokens (b * l) take the packed path
 
@@ -41,12 +46,20 @@ Array = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)
-class PackedBackbone:
-    """The blocks' and final norm's weights, stacked per layer (leading axis L) and laid
-    out as the kernel reads them. ``sources`` are the parameters they were packed from, so
-    a changed weight is noticed (``unchanged``) and repacked."""
+class PackedModel:
+    """The embeddings', blocks' and final norm's weights, laid out as the kernel reads
+    them: the blocks' stacked per layer (leading axis L). ``sources`` are the parameters
+    they were packed from, so a changed weight is noticed (``unchanged``) and repacked."""
 
     sources: tuple[_Source, ...]
+    concepts: Array  # (v, h)
+    time2vec: Array  # (2, 2, e): time then age; weights then biases (column 0 the linear)
+    project: Array  # (h + 2e, h)
+    project_bias: Array  # (h,)
+    kinds: Array  # (token types, h)
+    segments: Array  # (segments, h)
+    visit_orders: Array  # (max visit order + 1, h)
+    weeks_per_year: float
     norm: Array  # (L, h)
     in_proj: Array  # (L, h, 2d): x @ in_proj
     in_bias: Array  # (L, 2d)
@@ -73,24 +86,43 @@ class PackedBackbone:
         )
 
     @classmethod
-    def of(cls, blocks: list[MambaBlock], norm_f: RMSNorm) -> PackedBackbone:
-        """Pack the weights of ``blocks`` and the final norm."""
+    def of(cls, model: EHRMamba) -> PackedModel:
+        """Pack the weights of ``model`` up to its final norm."""
+        from model.network import WEEKS_PER_YEAR  # here: model.network imports this module
+
         with torch.no_grad():
+            embed, blocks = model.embed, model.backbone.blocks()
             mixers = [block.mixer for block in blocks]
             log2e = float(fastmath.LOG2E)
             d = mixers[0].d
-            h = norm_f.weight.shape[0]
+            h = model.config.hidden_size
+
+            def array(t: torch.Tensor) -> Array:
+                return np.ascontiguousarray(t.detach().float().numpy())
 
             def stack(tensors: list[torch.Tensor]) -> Array:
-                return np.ascontiguousarray(
-                    torch.stack([t.detach().float() for t in tensors]).numpy()
-                )
+                return array(torch.stack([t.detach().float() for t in tensors]))
 
             def bias_or_zero(bias: torch.Tensor | None, size: int) -> torch.Tensor:
                 return bias if bias is not None else torch.zeros(size)
 
+            time2vec = [
+                torch.stack([
+                    torch.cat([t.linear.weight[:, 0], t.periodic.weight[:, 0]]),
+                    torch.cat([t.linear.bias, t.periodic.bias]),
+                ])
+                for t in (embed.time, embed.age)
+            ]  # fmt: skip
             return cls(
-                sources=_sources(blocks, norm_f),
+                sources=_sources([embed, model.backbone]),
+                concepts=array(model.backbone.embeddings.weight),
+                time2vec=stack(time2vec),
+                project=array(embed.project.weight.t()),
+                project_bias=array(embed.project.bias),
+                kinds=array(embed.token_type.weight),
+                segments=array(embed.segment.weight),
+                visit_orders=array(embed.visit_order.weight),
+                weeks_per_year=WEEKS_PER_YEAR,
                 norm=stack([block.norm.weight for block in blocks]),
                 in_proj=stack([m.in_proj.weight.t() for m in mixers]),
                 in_bias=stack([bias_or_zero(m.in_proj.bias, 2 * d) for m in mixers]),
@@ -103,26 +135,27 @@ class PackedBackbone:
                 skip=stack([m.D for m in mixers]),
                 out_proj=stack([m.out_proj.weight.t() for m in mixers]),
                 out_bias=stack([bias_or_zero(m.out_proj.bias, h) for m in mixers]),
-                norm_f=np.ascontiguousarray(norm_f.weight.detach().float().numpy()),
+                norm_f=array(model.backbone.norm_f.weight),
                 eps=float(blocks[0].norm.eps),
             )
 
     def forward(
         self,
-        x: torch.Tensor,
+        batch: TokenBatch,
         state: tuple[LayerState, ...] | None,
         capture: torch.Tensor | None,
         parent: torch.Tensor | None,
     ) -> tuple[torch.Tensor, tuple[LayerState, ...], tuple[LayerState, ...] | None]:
-        """x (b, l, h) input embeddings -> hidden (b, l, h) after the final norm, each
-        layer's end state, and each layer's captured states (conv (b, k, d, K-1), ssm
-        (b, k, d, n), zeros at -1) when ``capture`` (b, k) is given. ``state``: each
-        layer's start state (zeros when None); ``parent`` (b, l): token trees, as
-        ``EHRMamba.forward``. Raises ValueError for a parent that is not an earlier
-        position or -1."""
-        b, length, h = x.shape
+        """``EHRMamba.forward`` up to the final norm: hidden (b, l, h), each layer's end
+        state, and each layer's captured states (conv (b, k, d, K-1), ssm (b, k, d, n),
+        zeros at -1) when ``capture`` (b, k) is given. ``state``: each layer's start state
+        (zeros when None); ``parent`` (b, l): token trees. Raises ValueError for a parent
+        that is not an earlier position or -1, IndexError for an id beyond its table."""
+        b, length = batch.concept.shape
+        h = self.norm_f.shape[0]
         layers, kernel, d = self.conv.shape
         n = self.decay.shape[1]
+        ids, when = self._streams(batch)
         if parent is not None:
             parents = parent.cpu().numpy().astype(np.int64)
             check_parents(parents)
@@ -140,9 +173,10 @@ class PackedBackbone:
             conv0 = fastmath.as_array(torch.stack([s.conv for s in state]))
             ssm0 = fastmath.as_array(torch.stack([s.ssm for s in state]))
         sgemm = blas.sgemm_address() if self.use_sgemm else 0
-        tokens = fastmath.as_array(x).reshape(b * length, h)
-        hidden, end_conv, end_ssm, cap_conv, cap_ssm = _backbone(
-            sgemm, tokens, parents, asked, conv0, ssm0,
+        tables = (self.concepts, self.kinds, self.segments, self.visit_orders)
+        hidden, end_conv, end_ssm, cap_conv, cap_ssm = _network(
+            sgemm, ids, when, parents, asked, conv0, ssm0,
+            tables, self.time2vec, self.project, self.project_bias,
             self.norm, self.in_proj, self.in_bias, self.conv, self.conv_bias, self.x_proj,
             self.dt_proj, self.dt_bias, self.decay, self.skip, self.out_proj, self.out_bias,
             self.norm_f, np.float32(self.eps),
@@ -161,61 +195,94 @@ class PackedBackbone:
         )
         return torch.from_numpy(hidden).view(b, length, h), ends, captured
 
+    def _streams(self, batch: TokenBatch) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """The ids (4, N): concept, type, segment and visit order (clamped as
+        ``Embeddings``), and the times (2, N): years since 1970 and age. Raises IndexError
+        for an id its table lacks (the kernel would read beyond it)."""
+        visits = batch.visit_order.clamp(max=self.visit_orders.shape[0] - 1)
+        ids = np.stack([
+            t.cpu().numpy().reshape(-1).astype(np.int64)
+            for t in (batch.concept, batch.type, batch.segment, visits)
+        ])  # fmt: skip
+        names = ("concept", "type", "segment", "visit_order")
+        tables = (self.concepts, self.kinds, self.segments, self.visit_orders)
+        for name, row, table in zip(names, ids, tables, strict=True):
+            low, high = int(row.min()), int(row.max())
+            if low < 0 or high >= table.shape[0]:
+                bad = low if low < 0 else high
+                raise IndexError(
+                    f"{name} id {bad} is outside its table (0 to {table.shape[0] - 1})"
+                )
+        years = batch.time.cpu().float().numpy().reshape(-1) / np.float32(self.weeks_per_year)
+        age = batch.age.cpu().float().numpy().reshape(-1)
+        return ids, np.stack([years, age]).astype(np.float32)
+
 
 # A parameter as packed: its module and name, the tensor, its version and storage address.
 _Source = tuple[nn.Module, str, torch.Tensor, int, int]
 
 
-def _sources(blocks: list[MambaBlock], norm_f: RMSNorm) -> tuple[_Source, ...]:
+def _sources(roots: list[nn.Module]) -> tuple[_Source, ...]:
     """Every parameter the packing reads. An optimizer step or a loaded state dict bumps a
     version, ``.data =`` moves a storage, assigning a new Parameter replaces the tensor:
     ``unchanged`` notices each, in under a microsecond per parameter (walking the modules
     afresh would cost a millisecond per forward)."""
     return tuple(
         (module, name, tensor, tensor._version, tensor.data_ptr())
-        for root in (*blocks, norm_f)
+        for root in roots
         for module in root.modules()
         for name, tensor in module._parameters.items()
         if tensor is not None
     )
 
 
-def applies(x: torch.Tensor) -> bool:
-    """Whether a forward of the embeddings ``x`` (b, l, h) takes the packed path: a few
-    float32 tokens on the CPU, no gradients, not being traced (an exporter must see the
-    blocks' tensor operations)."""
+def applies(model: EHRMamba, batch: TokenBatch) -> bool:
+    """Whether ``model``'s forward of ``batch`` takes the packed path: a few tokens on the
+    CPU, float32 weights, evaluation mode (no dropout), no gradients, not being traced (an
+    exporter must see the tensor operations)."""
+    b, length = batch.concept.shape
     return (
-        x.device.type == "cpu"
+        0 < b * length <= FEW_TOKENS
+        and not torch.is_grad_enabled()
+        and not model.training
+        and batch.concept.device.type == "cpu"
+        and model.lm_head.weight.device.type == "cpu"
+        and model.lm_head.weight.dtype == torch.float32
         and not torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
         and not torch.jit.is_tracing()  # type: ignore[attr-defined, no-untyped-call]
-        and x.dtype == torch.float32
-        and not torch.is_grad_enabled()
-        and x.shape[0] * x.shape[1] <= FEW_TOKENS
-        and x.shape[1] > 0
     )
 
 
 @numba.njit(cache=True, fastmath=True, error_model="numpy")
-def _backbone(
+def _network(
     sgemm: int,  # blas.sgemm_address(), 0 for np.dot
-    x: Array,  # (N, h), N = b * l, row-major by (row, position)
+    ids: npt.NDArray[np.int64],  # (4, N): concept, type, segment, visit order; N = b * l
+    when: Array,  # (2, N): years since 1970, age
     parent: npt.NDArray[np.int64],  # (b, l)
     capture: npt.NDArray[np.int64],  # (b, k), -1 for none
     conv0: Array,  # (L, b, d, K-1) start conv inputs, oldest first
     ssm0: Array,  # (L, b, d, n) start states
+    tables: tuple[Array, Array, Array, Array],  # concepts, types, segments, visit orders
+    time2vec: Array, project: Array, project_bias: Array,
     norm: Array, in_proj: Array, in_bias: Array, conv: Array, conv_bias: Array,
     x_proj: Array, dt_proj: Array, dt_bias: Array, decay: Array, skip: Array,
     out_proj: Array, out_bias: Array, norm_f: Array, eps: np.float32,
 ) -> tuple[Array, Array, Array, Array, Array]:  # fmt: skip
-    """Every block, then the final norm. Returns hidden (N, h), end conv (L, b, d, K-1),
-    end ssm (L, b, d, n), captured conv (L, b, k, d, K-1) and ssm (L, b, k, d, n)."""
+    """The embeddings, every block, the final norm. Returns hidden (N, h), end conv
+    (L, b, d, K-1), end ssm (L, b, d, n), captured conv (L, b, k, d, K-1) and ssm
+    (L, b, k, d, n)."""
     layers, kernel, d = conv.shape
     n = decay.shape[1]
     r = dt_proj.shape[1]
     b, length = parent.shape
     k = capture.shape[1]
-    tokens, h = x.shape
+    tokens = ids.shape[1]
+    h = norm_f.shape[0]
+    scratch = np.empty(8, np.int32)  # the BLAS call's arguments
+    scalars = np.empty(2, np.float32)
+    residual = _embed(sgemm, ids, when, tables, time2vec, project, project_bias, scratch,
+                      scalars)  # fmt: skip
     # Each token's conv window along its path, oldest first, the token itself last:
     # p >= 0 a position of the row, p < 0 the start state's input K-1+p (-1 the newest).
     window = np.empty((b, length, kernel), np.int64)
@@ -226,9 +293,6 @@ def _backbone(
             for q in range(kernel - 2, -1, -1):
                 p = parent[bi, p] if p >= 0 else p - 1
                 window[bi, t, q] = p
-    residual = x.copy()
-    scratch = np.empty(8, np.int32)  # the BLAS call's arguments
-    scalars = np.empty(2, np.float32)
     xz = np.empty((tokens, 2 * d), np.float32)  # conv input, then the gate's input
     selection = np.empty((tokens, r + 2 * n), np.float32)  # dt (before dt_proj), B, C
     raw_dt = np.empty((tokens, d), np.float32)
@@ -313,6 +377,37 @@ def _backbone(
     hidden = np.empty((tokens, h), np.float32)
     _rms_norm(residual, norm_f, eps, hidden)
     return hidden, end_conv, end_ssm, cap_conv, cap_ssm
+
+
+@numba.njit(inline="always", fastmath=True, error_model="numpy")
+def _embed(
+    sgemm: int, ids: npt.NDArray[np.int64], when: Array,
+    tables: tuple[Array, Array, Array, Array], time2vec: Array, project: Array,
+    project_bias: Array, scratch: npt.NDArray[np.int32], scalars: Array,
+) -> Array:  # fmt: skip
+    """Input embeddings (N, h), as ``Embeddings`` (paper section 2.2): the concept's row,
+    Time2Vec of time and age (a linear feature, then sinusoids), projected back to h; then
+    the type, segment and visit-order rows added."""
+    concepts, kinds, segments, visits = tables
+    tokens = ids.shape[1]
+    h = concepts.shape[1]
+    e = time2vec.shape[2]
+    features = np.empty((tokens, h + 2 * e), np.float32)
+    for m in range(tokens):
+        features[m, :h] = concepts[ids[0, m]]
+        for stream in range(2):
+            x = when[stream, m]
+            at = h + stream * e
+            features[m, at] = x * time2vec[stream, 0, 0] + time2vec[stream, 1, 0]
+            for j in range(1, e):
+                features[m, at + j] = np.sin(x * time2vec[stream, 0, j] + time2vec[stream, 1, j])
+    out = np.empty((tokens, h), np.float32)
+    gemm(sgemm, features, tokens, h + 2 * e, h + 2 * e, project, out, False, scratch, scalars)
+    for m in range(tokens):
+        kind, segment, visit = kinds[ids[1, m]], segments[ids[2, m]], visits[ids[3, m]]
+        for c in range(h):
+            out[m, c] = out[m, c] + project_bias[c] + kind[c] + segment[c] + visit[c]
+    return out
 
 
 @numba.njit(inline="always", fastmath=True, error_model="numpy")

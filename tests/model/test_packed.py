@@ -1,6 +1,6 @@
-"""The whole backbone in one compiled call (``model.packed``): equal to the blocks, with
-PyTorch's sgemm or numpy's, taken only where it should be, and never stale after a weight
-changes."""
+"""The network in one compiled call (``model.packed``): equal to the embeddings and blocks
+run as tensor operations, with PyTorch's sgemm or numpy's, taken only where it should be,
+never stale after a weight changes, and refusing ids its tables lack."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from model import blas, packed
 from model.config import ModelConfig
-from model.network import EHRMamba, ModelState
+from model.network import EHRMamba, ModelState, TokenBatch
 from tests.model.paths import use_inference_path
 from tests.model.random_batches import VOCAB, random_batch
 
@@ -23,8 +23,13 @@ PARENTS = [-1, 0, 1, 2, 3, 4, 5, 5, 2, 8, -1, 10]  # branches, a deeper branch, 
 
 def _model(bias: bool = False) -> EHRMamba:
     torch.manual_seed(2)
-    config = ModelConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, use_bias=bias, dropout=0.0
+    config = ModelConfig(  # visit orders beyond 8 share its row: random batches reach 29
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=3,
+        use_bias=bias,
+        dropout=0.0,
+        max_visit_order=8,
     )
     return EHRMamba(config).eval()
 
@@ -79,6 +84,7 @@ def test_a_weight_changed_after_packing_is_used(monkeypatch: pytest.MonkeyPatch)
     mixer = model.backbone.blocks()[1].mixer
     with torch.no_grad():
         mixer.in_proj.weight.mul_(1.5)  # in place: an optimizer step, a loaded state dict
+        model.embed.time.periodic.weight.mul_(1.5)
     changed, _, _ = _forward(model, "packed", monkeypatch)
     want, _, _ = _forward(model, "blocks", monkeypatch)
     assert (changed - before).abs().max().item() > 1e-3
@@ -95,18 +101,33 @@ def test_only_few_tokens_without_gradients_take_the_packed_path(
 ) -> None:
     model = _model()
     calls: list[int] = []
-    forward = packed.PackedBackbone.forward
+    forward = packed.PackedModel.forward
 
-    def spy(self: packed.PackedBackbone, x: torch.Tensor, *args: object) -> object:
-        calls.append(x.shape[0] * x.shape[1])
-        return forward(self, x, *args)  # type: ignore[arg-type]
+    def spy(self: packed.PackedModel, batch: TokenBatch, *args: object) -> object:
+        calls.append(batch.concept.numel())
+        return forward(self, batch, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(packed.PackedBackbone, "forward", spy)
+    monkeypatch.setattr(packed.PackedModel, "forward", spy)
     with torch.no_grad():
         model(random_batch(2, packed.FEW_TOKENS // 2))
         model(random_batch(2, packed.FEW_TOKENS // 2 + 1))
+        model.train()  # dropout: the tensor operations draw it
+        model(random_batch(1, 8))
+        model.eval()
     model(random_batch(1, 8))  # gradients on: training
     assert calls == [packed.FEW_TOKENS]
+
+
+@pytest.mark.parametrize("stream", ["concept", "type", "segment"])
+def test_an_id_beyond_its_table_is_refused_on_the_packed_path(stream: str) -> None:
+    model = _model()
+    batch = random_batch(1, 3)
+    getattr(batch, stream)[0, 1] = 10**6
+    with torch.no_grad(), pytest.raises(IndexError, match=f"{stream} id 1000000"):
+        model(batch)
+    getattr(batch, stream)[0, 1] = -1
+    with torch.no_grad(), pytest.raises(IndexError, match=f"{stream} id -1"):
+        model(batch)
 
 
 def test_a_parent_that_is_not_earlier_is_refused_on_the_packed_path() -> None:
