@@ -10,7 +10,11 @@ Cases (random weights; timing does not depend on them):
   one pass with branching (``ours_one_pass``) against six separate full passes.
 - ``append_10_events``: ten new events on a cached 2,048-token state against recomputing:
   the state update alone (``ours_state_update`` vs ``ours_full_forward``), and with scoring
-  six tasks (``ours_incremental`` vs ``ours_recompute``, both through the engine).
+  six tasks (``ours_incremental`` vs ``ours_recompute``, both through the engine). Each
+  twice: updates back to back (weights in the caches), and each right after a full pass
+  (``..._after_full_pass``: weights fetched again).
+- ``few_tokens``: forwards of 1 to 256 tokens from a state: the whole network in one
+  compiled call (``ours_packed``) against the blocks as tensor operations (``ours_blocks``).
 - ``recurrent_step``: one token through the step, PyTorch against onnxruntime; and the
   one-pass case again with the forecast's single-token steps in onnxruntime
   (``ours_one_pass_onnx_steps``; task tokens ride in the scan, so an incremental score
@@ -19,12 +23,15 @@ Cases (random weights; timing does not depend on them):
   autograd through the reference loop.
 - ``compute_floor``: FLOPs of the forward over the measured matmul throughput.
 
-Every measurement is a median over ``runs`` after a warm-up call; ``peak_mb`` is the largest
-rise of this process's resident memory during one more call, sampled every 5 ms.
+Every measurement is a median over ``runs`` after a warm-up call; the implementations of a
+case are timed in turns, so their ratio holds on this machine, whose speed drifts. ``peak_mb``
+is the largest rise of this process's resident memory during one more call, sampled every
+5 ms.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -43,7 +50,7 @@ import torch
 from bench.synthetic import synthetic_batch
 from fhir_adapter.tokenizer import TokenSequence, with_task_token
 from fhir_adapter.vocabulary import TokenType, Vocabulary
-from model import scan
+from model import packed, scan
 from model.batching import collate
 from model.config import ModelConfig, sized
 from model.engine import Engine, PatientInput
@@ -91,6 +98,7 @@ def run(
                 yield from _full_forward(ours, config, size, tokens, quick)
         if "serving" in cases and size == "compact":
             yield from _serving_cases(ours, vocab, quick)
+            yield from _few_tokens(ours, quick)
         if "training" in cases and size == "compact":
             yield from _training_cases(ours, config)
         if "floor" in cases:
@@ -102,117 +110,114 @@ def _full_forward(
 ) -> Iterator[Measurement]:
     runs = 1 if quick or tokens > 2048 or size == "paper" else 3
     batch = synthetic_batch(1, tokens, config.vocab_size)
-    yield _measure(
-        "full_forward", "ours", size, tokens, runs, lambda: _forward_chunked(ours, batch)
-    )
+    entries = [Entry("ours", tokens, runs, lambda: _forward_chunked(ours, batch))]
+    if tokens <= REFERENCE_LIMIT:
+        stock = to_transformers(ours)
+        embeds = ours.input_embeddings(batch).detach()
+        bert = _bert(config)
+        entries += [
+            Entry("transformers", tokens, 1, lambda: stock(inputs_embeds=embeds)),
+            Entry("bert", tokens, runs, lambda: bert(input_ids=batch.concept)),
+        ]
+    yield from _together("full_forward", size, entries)
     if tokens > REFERENCE_LIMIT:
         for impl in ("transformers", "bert"):
             skipped = "skipped: minutes and gigabytes"
             yield Measurement("full_forward", impl, size, tokens, math.nan, math.nan, 0, skipped)
-        return
-    stock = to_transformers(ours)
-    embeds = ours.input_embeddings(batch).detach()
-    yield _measure(
-        "full_forward", "transformers", size, tokens, 1, lambda: stock(inputs_embeds=embeds)
-    )
-    bert = _bert(config)
-    yield _measure(
-        "full_forward", "bert", size, tokens, runs, lambda: bert(input_ids=batch.concept)
-    )
 
 
 def _serving_cases(model: EHRMamba, vocab: Vocabulary, quick: bool) -> Iterator[Measurement]:
+    """Each comparison is timed in turns (``_together``); the incremental cases take as
+    many runs as their short partner, so both see the same stretch of the machine."""
     engine = Engine(model, vocab)
     seq = _sequence(2048, vocab)
     runs = 1 if quick else 5
-    small_runs = 1 if quick else 30  # cases of a few milliseconds: more runs, same time
+    small_runs = 1 if quick else 20  # comparisons with a case of a few milliseconds
     one = PatientInput(seq, los_cut=len(seq) - 300)
-    yield _measure(
-        "six_tasks_forecast",
-        "ours_one_pass",
-        "compact",
-        len(seq),
-        runs,
-        lambda: engine.score([one], list(Task), forecast=10),
-    )
 
     def six_passes() -> None:
         for task in Task:
             full = with_task_token(seq, vocab.id(task.token))
             engine.model(collate([full])[0])
 
-    yield _measure(
-        "six_tasks_forecast",
-        "ours_six_passes",
-        "compact",
-        len(seq),
-        runs,
-        lambda: torch.no_grad()(six_passes)(),
-    )
+    graph = StepGraph(model)
+    inputs = example_inputs(model, batch=1, seed=3)
+    with tempfile.TemporaryDirectory() as tmp:
+        step = OnnxStep(export_step(model, Path(tmp) / "step.onnx"))
+        onnx_engine = Engine(model, vocab, step)
+        arrays = [t.numpy() for t in inputs]
+        tokens = len(seq)
+        yield from _together(
+            "six_tasks_forecast",
+            "compact",
+            [
+                Entry("ours_one_pass", tokens, runs,
+                      lambda: engine.score([one], list(Task), forecast=10)),
+                Entry("ours_one_pass_onnx_steps", tokens, runs,
+                      lambda: onnx_engine.score([one], list(Task), forecast=10)),
+                Entry("ours_six_passes", tokens, runs, six_passes),
+            ],
+        )  # fmt: skip
+        step_runs = 50 if not quick else 5
+        yield from _together(
+            "recurrent_step",
+            "compact",
+            [
+                Entry("ours", 1, step_runs, lambda: graph(*inputs)),
+                Entry("onnxruntime", 1, step_runs, lambda: step.run(*arrays)),
+            ],
+        )
     longer = _sequence(2058, vocab)
-    old = longer.prefix(2048)
-    [first] = engine.score([PatientInput(old)], list(Task))
+    [first] = engine.score([PatientInput(longer.prefix(2048))], list(Task))
     cached = PatientInput(longer, cached=first.cache)
     whole = synthetic_batch(1, 2058, len(vocab))
     head, tail = _split(whole, 2048)
     with torch.no_grad():
         _, state, _ = model(head)
-    yield _measure(
-        "append_10_events",
-        "ours_state_update",
-        "compact",
-        10,
-        small_runs,
-        lambda: model(tail, state),
-    )
-    yield _measure(
-        "append_10_events", "ours_full_forward", "compact", 2058, runs, lambda: model(whole)
-    )
-    yield _measure(
-        "append_10_events",
-        "ours_incremental",
-        "compact",
-        10,
-        small_runs,
-        lambda: engine.score([cached], list(Task)),
-    )
-    yield _measure(
-        "append_10_events",
-        "ours_recompute",
-        "compact",
-        2058,
-        runs,
-        lambda: engine.score([PatientInput(longer)], list(Task)),
-    )
-    graph = StepGraph(model)
-    inputs = example_inputs(model, batch=1, seed=3)
-    yield _measure(
-        "recurrent_step",
-        "ours",
-        "compact",
-        1,
-        50 if not quick else 5,
-        lambda: torch.no_grad()(graph)(*inputs),
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        step = OnnxStep(export_step(model, Path(tmp) / "step.onnx"))
-        arrays = [t.numpy() for t in inputs]
-        yield _measure(
-            "recurrent_step",
-            "onnxruntime",
+    for warm in (True, False):
+        # Back to back, an update finds the weights in the caches (as a stream of updates
+        # does); right after a recompute it fetches them again (as after other work).
+        burst, note = (5, "5 in a row per turn") if warm else (1, "right after a full pass")
+        suffix = "" if warm else "_after_full_pass"
+        yield from _together(
+            "append_10_events",
             "compact",
-            1,
-            50 if not quick else 5,
-            lambda: step.run(*arrays),
-        )
-        onnx_engine = Engine(model, vocab, step)
-        yield _measure(
-            "six_tasks_forecast",
-            "ours_one_pass_onnx_steps",
+            [
+                Entry(f"ours_state_update{suffix}", 10, small_runs,
+                      lambda: model(tail, state), burst, note),
+                Entry("ours_full_forward", 2058, small_runs, lambda: model(whole)),
+            ],
+        )  # fmt: skip
+        yield from _together(
+            "append_10_events",
             "compact",
-            len(seq),
-            runs,
-            lambda: onnx_engine.score([one], list(Task), forecast=10),
+            [
+                Entry(f"ours_incremental{suffix}", 10, small_runs,
+                      lambda: engine.score([cached], list(Task)), burst, note),
+                Entry("ours_recompute", 2058, small_runs,
+                      lambda: engine.score([PatientInput(longer)], list(Task))),
+            ],
+        )  # fmt: skip
+
+
+def _few_tokens(model: EHRMamba, quick: bool) -> Iterator[Measurement]:
+    """Short forwards from a state, as an incremental update or a forecast step makes: the
+    whole network in one compiled call (``ours_packed``, ``model.packed``) against the
+    blocks as tensor operations (``ours_blocks``), which longer sequences take. Where they
+    cross is where ``packed.FEW_TOKENS`` should be."""
+    vocab_size = model.config.vocab_size
+    with torch.no_grad():
+        _, state, _ = model(synthetic_batch(1, 64, vocab_size))
+    runs = 1 if quick else 30
+    for tokens in (1, 17, 64, 256):
+        forward = functools.partial(model, synthetic_batch(1, tokens, vocab_size), state)
+        yield from _together(
+            "few_tokens",
+            "compact",
+            [
+                Entry("ours_packed", tokens, runs, _with_packed_limit(10**9, forward)),
+                Entry("ours_blocks", tokens, runs, _with_packed_limit(0, forward)),
+            ],
         )
 
 
@@ -273,6 +278,20 @@ def _reference_scan() -> Iterator[None]:
         scan.compiled_scan = compiled
 
 
+def _with_packed_limit(tokens: int, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with forwards of up to ``tokens`` taking the packed path meanwhile."""
+
+    def limited() -> object:
+        limit = packed.FEW_TOKENS
+        packed.FEW_TOKENS = tokens
+        try:
+            return fn()
+        finally:
+            packed.FEW_TOKENS = limit
+
+    return limited
+
+
 def _split(batch: TokenBatch, at: int) -> tuple[TokenBatch, TokenBatch]:
     names = TokenBatch.__dataclass_fields__
     return (
@@ -321,23 +340,56 @@ def _floor(config: ModelConfig, tokens: int) -> Measurement:
 # --- measuring -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One implementation of a case: what it is called, its tokens, how many turns to time
+    it in, the call to time, and how many calls in a row it makes per turn (``runs *
+    burst`` timings in all)."""
+
+    impl: str
+    tokens: int
+    runs: int
+    fn: Callable[[], object]
+    burst: int = 1  # timed calls in a row per turn
+    note: str = ""
+
+
 def _measure(
     case: str, impl: str, size: str, tokens: int, runs: int, fn: Callable[[], object]
 ) -> Measurement:
-    """The median of ``runs`` timed calls after a warm-up call, and the peak memory rise of
-    one more call. That call alone is sampled: the sampler's wake-ups every 5 ms take the
-    interpreter lock and a core from a call of a few milliseconds, and made an incremental
-    update look 1.5x to 2x slower here."""
-    times: list[float] = []
+    [measurement] = _together(case, size, [Entry(impl, tokens, runs, fn)])
+    return measurement
+
+
+def _together(case: str, size: str, entries: list[Entry]) -> list[Measurement]:
+    """The implementations of one case timed in turns (a, b, a, b, ...), so that the ratio
+    of their medians compares them on the same machine: this one's speed drifts by up to
+    2x from minute to minute, and medians taken minutes apart inherit the drift. An entry
+    with fewer runs than the others sits out the last turns.
+
+    Each entry gets a warm-up call first (compilation, allocator), and its peak memory rise
+    is measured over one more call of its own: the sampler's wake-ups every 5 ms take the
+    interpreter lock and a core, and made a call of a few milliseconds look 1.5x to 2x
+    slower here."""
+    times: list[list[float]] = [[] for _ in entries]
+    peaks: list[float] = []
     with torch.no_grad():
-        fn()  # warm-up: compilation, allocator
-        for _ in range(runs):
-            started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
-        with _peak_rss() as peak:
-            fn()
-    return Measurement(case, impl, size, tokens, statistics.median(times), peak(), runs)
+        for entry in entries:
+            entry.fn()
+        for turn in range(max(entry.runs for entry in entries)):
+            for entry, spent in zip(entries, times, strict=True):
+                for _ in range(entry.burst if turn < entry.runs else 0):
+                    started = time.perf_counter()
+                    entry.fn()
+                    spent.append(time.perf_counter() - started)
+        for entry in entries:
+            with _peak_rss() as peak:
+                entry.fn()
+            peaks.append(peak())
+    return [
+        Measurement(case, e.impl, size, e.tokens, statistics.median(t), p, len(t), e.note)
+        for e, t, p in zip(entries, times, peaks, strict=True)
+    ]
 
 
 @contextmanager
