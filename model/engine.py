@@ -210,7 +210,8 @@ class Engine:
         return main, own
 
     def _leaf(self, task: Task, prefix: TokenSequence) -> _Leaf:
-        token = with_task_token(prefix, self._task_ids[task]).suffix(len(prefix))
+        last = prefix.suffix(len(prefix) - 1)  # the task token takes its time and age
+        token = with_task_token(last, self._task_ids[task]).suffix(1)
         return _Leaf(task, len(prefix), token)
 
     def _run(self, rows: list[_Row]) -> list[_RowOutput]:
@@ -278,7 +279,8 @@ class Engine:
         generator = torch.Generator().manual_seed(seed)
         state = concat([s.cache.end_state for s in scans])
         hidden = torch.stack([s.cache.end_hidden for s in scans])  # (b, h)
-        sequences = [item.sequence for item in inputs]
+        # Each step feeds back one token, which takes the time and age of the one before.
+        last = [item.sequence.suffix(len(item.sequence) - 1) for item in inputs]
         for step in range(steps):
             logits = self.model.next_token_logits(hidden).masked_fill(self._not_forecast, -1e9)
             probs = torch.softmax(logits, dim=-1)  # (b, v)
@@ -298,11 +300,11 @@ class Engine:
                 )
             if step == steps - 1:
                 break  # the last choice is made; stepping past it would be wasted
-            sequences = [
-                append_event(seq, int(chosen[i]), self.vocab.type_of(int(chosen[i])))
-                for i, seq in enumerate(sequences)
+            last = [
+                append_event(seq, int(chosen[i]), self.vocab.type_of(int(chosen[i]))).suffix(1)
+                for i, seq in enumerate(last)
             ]
-            batch, _ = collate([seq.suffix(len(seq) - 1) for seq in sequences])
+            batch, _ = collate(last)
             hidden, state = self._step(batch, state)
         return [tuple(f) for f in out]
 

@@ -34,17 +34,20 @@ def pick_captured(captured: ModelState, rows: torch.Tensor, slots: torch.Tensor)
 
 def captured_at(captured: ModelState, row: int, slot: int) -> ModelState:
     """From captured states (b, k, ...), the one of ``row`` at ``slot`` as a batch of 1: a
-    copy, so a cached cut state does not keep its whole batch's captures alive."""
-    return ModelState(
-        tuple(
-            LayerState(s.conv[row, slot : slot + 1].clone(), s.ssm[row, slot : slot + 1].clone())
-            for s in captured.layers
-        )
-    )
+    copy when b > 1, so a cached cut state does not keep its whole batch's captures alive
+    (with one row, what a view keeps is that row's own few slots)."""
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        part = t[row, slot : slot + 1]
+        return part.clone() if t.shape[0] > 1 else part
+
+    return ModelState(tuple(LayerState(take(s.conv), take(s.ssm)) for s in captured.layers))
 
 
 def concat(states: list[ModelState]) -> ModelState:
-    """Stack batches of states along the batch dimension."""
+    """Stack batches of states along the batch dimension (one batch is returned as is)."""
+    if len(states) == 1:
+        return states[0]
     layers = zip(*(s.layers for s in states), strict=True)
     return ModelState(
         tuple(
