@@ -147,12 +147,13 @@ class Settings(BaseSettings):
 
     # --- inference batching ------------------------------------------------------------------
     engine_step: Literal["onnxruntime", "pytorch"] = Field(
-        default="onnxruntime",
-        description="What runs the one-token steps (each task's branch, forecasts, closing "
-        "an open visit): onnxruntime with the artifact's exported step.onnx (a warm call "
-        "is mostly such steps: 4.8 ms against 8.7 ms in PyTorch, median, ehrmamba bench "
-        "warm-path), or "
-        "PyTorch. An artifact without step.onnx uses PyTorch. The two agree within 1e-4.",
+        default="pytorch",
+        description="What runs a forecast's one-token steps (task tokens and closing tokens "
+        "ride in the scan): PyTorch, the same one compiled call as an incremental update "
+        "(model/packed.py), or onnxruntime with the artifact's exported step.onnx. They "
+        "are equally fast (ehrmamba bench model: recurrent_step, six_tasks_forecast; "
+        "ehrmamba bench warm-path: engine_hit) and agree within 1e-4; an artifact without "
+        "step.onnx uses PyTorch.",
     )
     engine_threads: int = Field(
         default=1,

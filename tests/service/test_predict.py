@@ -142,11 +142,11 @@ async def test_a_corrupt_artifact_keeps_the_service_not_ready(
         assert "not ready" in _outcome(await api.post("/patients/p1/predict"), 503)
 
 
-async def test_steps_run_in_onnxruntime_unless_told_otherwise(
+async def test_forecast_steps_run_in_onnxruntime_only_when_told(
     make_api: ApiFactory, loaded_fhir: LoadedServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The committed artifact has an exported step; by default the service's one-token
-    steps go through it, with ``EHRMAMBA_ENGINE_STEP=pytorch`` they do not, and the answers
+    """The committed artifact has an exported step; with ``EHRMAMBA_ENGINE_STEP=onnxruntime``
+    the forecast's one-token steps go through it, by default they do not, and the answers
     agree."""
     runs: list[int] = []
     real = OnnxStep.run
@@ -161,7 +161,8 @@ async def test_steps_run_in_onnxruntime_unless_told_otherwise(
     steps = {}
     for backend in ("onnxruntime", "pytorch"):
         runs.clear()
-        async with make_api(fhir_base_url=loaded_fhir.base_url, engine_step=backend) as api:
+        chosen = {"engine_step": backend} if backend == "onnxruntime" else {}  # else default
+        async with make_api(fhir_base_url=loaded_fhir.base_url, **chosen) as api:
             response = await api.post(f"/patients/{patient}/predict", params={"forecast": 3})
             assert response.status_code == 200, response.text
             bodies[backend] = response.json()
