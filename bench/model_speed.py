@@ -119,7 +119,7 @@ def _full_forward(
             Entry("transformers", tokens, 1, lambda: stock(inputs_embeds=embeds)),
             Entry("bert", tokens, runs, lambda: bert(input_ids=batch.concept)),
         ]
-    yield from _together("full_forward", size, entries)
+    yield from measure_together("full_forward", size, entries)
     if tokens > REFERENCE_LIMIT:
         for impl in ("transformers", "bert"):
             skipped = "skipped: minutes and gigabytes"
@@ -127,7 +127,7 @@ def _full_forward(
 
 
 def _serving_cases(model: EHRMamba, vocab: Vocabulary, quick: bool) -> Iterator[Measurement]:
-    """Each comparison is timed in turns (``_together``); the incremental cases take as
+    """Each comparison is timed in turns (``measure_together``); the incremental cases take as
     many runs as their short partner, so both see the same stretch of the machine."""
     engine = Engine(model, vocab)
     seq = _sequence(2048, vocab)
@@ -147,7 +147,7 @@ def _serving_cases(model: EHRMamba, vocab: Vocabulary, quick: bool) -> Iterator[
         onnx_engine = Engine(model, vocab, step)
         arrays = [t.numpy() for t in inputs]
         tokens = len(seq)
-        yield from _together(
+        yield from measure_together(
             "six_tasks_forecast",
             "compact",
             [
@@ -159,7 +159,7 @@ def _serving_cases(model: EHRMamba, vocab: Vocabulary, quick: bool) -> Iterator[
             ],
         )  # fmt: skip
         step_runs = 50 if not quick else 5
-        yield from _together(
+        yield from measure_together(
             "recurrent_step",
             "compact",
             [
@@ -179,7 +179,7 @@ def _serving_cases(model: EHRMamba, vocab: Vocabulary, quick: bool) -> Iterator[
         # does); right after a recompute it fetches them again (as after other work).
         burst, note = (5, "5 in a row per turn") if warm else (1, "right after a full pass")
         suffix = "" if warm else "_after_full_pass"
-        yield from _together(
+        yield from measure_together(
             "append_10_events",
             "compact",
             [
@@ -188,7 +188,7 @@ def _serving_cases(model: EHRMamba, vocab: Vocabulary, quick: bool) -> Iterator[
                 Entry("ours_full_forward", 2058, small_runs, lambda: model(whole)),
             ],
         )  # fmt: skip
-        yield from _together(
+        yield from measure_together(
             "append_10_events",
             "compact",
             [
@@ -211,7 +211,7 @@ def _few_tokens(model: EHRMamba, quick: bool) -> Iterator[Measurement]:
     runs = 1 if quick else 30
     for tokens in (1, 17, 64, 256):
         forward = functools.partial(model, synthetic_batch(1, tokens, vocab_size), state)
-        yield from _together(
+        yield from measure_together(
             "few_tokens",
             "compact",
             [
@@ -357,11 +357,11 @@ class Entry:
 def _measure(
     case: str, impl: str, size: str, tokens: int, runs: int, fn: Callable[[], object]
 ) -> Measurement:
-    [measurement] = _together(case, size, [Entry(impl, tokens, runs, fn)])
+    [measurement] = measure_together(case, size, [Entry(impl, tokens, runs, fn)])
     return measurement
 
 
-def _together(case: str, size: str, entries: list[Entry]) -> list[Measurement]:
+def measure_together(case: str, size: str, entries: list[Entry]) -> list[Measurement]:
     """The implementations of one case timed in turns (a, b, a, b, ...), so that the ratio
     of their medians compares them on the same machine: this one's speed drifts by up to
     2x from minute to minute, and medians taken minutes apart inherit the drift. An entry
