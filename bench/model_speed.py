@@ -25,7 +25,7 @@ Cases (random weights; timing does not depend on them):
 
 Every measurement is a median over ``runs`` after a warm-up call; the implementations of a
 case are timed in turns, so their ratio holds on this machine, whose speed drifts. ``peak_mb``
-is the largest rise of this process's resident memory during one more call, sampled every
+is the largest rise of this process's resident memory during the warm-up call, sampled every
 5 ms.
 """
 
@@ -367,25 +367,23 @@ def measure_together(case: str, size: str, entries: list[Entry]) -> list[Measure
     2x from minute to minute, and medians taken minutes apart inherit the drift. An entry
     with fewer runs than the others sits out the last turns.
 
-    Each entry gets a warm-up call first (compilation, allocator), and its peak memory rise
-    is measured over one more call of its own: the sampler's wake-ups every 5 ms take the
-    interpreter lock and a core, and made a call of a few milliseconds look 1.5x to 2x
-    slower here."""
+    Each entry's untimed warm-up call (compilation, allocator) is the one its peak memory
+    rise is sampled over, from the level before it: the sampler's wake-ups every 5 ms take
+    the interpreter lock and a core, and made a timed call of a few milliseconds look 1.5x
+    to 2x slower here."""
     times: list[list[float]] = [[] for _ in entries]
     peaks: list[float] = []
     with torch.no_grad():
         for entry in entries:
-            entry.fn()
+            with _peak_rss() as peak:
+                entry.fn()
+            peaks.append(peak())
         for turn in range(max(entry.runs for entry in entries)):
             for entry, spent in zip(entries, times, strict=True):
                 for _ in range(entry.burst if turn < entry.runs else 0):
                     started = time.perf_counter()
                     entry.fn()
                     spent.append(time.perf_counter() - started)
-        for entry in entries:
-            with _peak_rss() as peak:
-                entry.fn()
-            peaks.append(peak())
     return [
         Measurement(case, e.impl, size, e.tokens, statistics.median(t), p, len(t), e.note)
         for e, t, p in zip(entries, times, peaks, strict=True)
