@@ -108,7 +108,7 @@ def run(
 def _full_forward(
     ours: EHRMamba, config: ModelConfig, size: str, tokens: int, quick: bool
 ) -> Iterator[Measurement]:
-    runs = 1 if quick or tokens > 2048 or size == "paper" else 3
+    runs = 1 if quick or tokens > 2048 or size == "paper" else 5
     batch = synthetic_batch(1, tokens, config.vocab_size)
     entries = [Entry("ours", tokens, runs, lambda: _forward_chunked(ours, batch))]
     if tokens <= REFERENCE_LIMIT:
