@@ -20,11 +20,6 @@ from model.network import ModelState
 _MAGIC = b"EHRMS1"
 
 
-def select(state: ModelState, rows: torch.Tensor) -> ModelState:
-    """The states of batch ``rows`` (m,), as a batch of m."""
-    return ModelState(tuple(LayerState(s.conv[rows], s.ssm[rows]) for s in state.layers))
-
-
 def pick_captured(captured: ModelState, rows: torch.Tensor, slots: torch.Tensor) -> ModelState:
     """From captured states (b, k, ...), the (row, slot) pairs (m,) as a batch of m."""
     return ModelState(
