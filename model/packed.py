@@ -150,7 +150,8 @@ class PackedModel:
         state, and each layer's captured states (conv (b, k, d, K-1), ssm (b, k, d, n),
         zeros at -1) when ``capture`` (b, k) is given. ``state``: each layer's start state
         (zeros when None); ``parent`` (b, l): token trees. Raises ValueError for a parent
-        that is not an earlier position or -1, IndexError for an id beyond its table."""
+        that is not an earlier position or -1, a captured position outside the rows or a
+        shape that does not fit, IndexError for an id beyond its table."""
         b, length = batch.concept.shape
         h = self.norm_f.shape[0]
         layers, kernel, d = self.conv.shape
@@ -158,20 +159,24 @@ class PackedModel:
         ids, when = self._streams(batch)
         if parent is not None:
             parents = parent.cpu().numpy().astype(np.int64)
+            _check_shape("parent", parents, (b, length))
             check_parents(parents)
         else:
             parents = np.broadcast_to(np.arange(-1, length - 1), (b, length)).copy()
-        asked = (
-            capture.cpu().numpy().astype(np.int64)
-            if capture is not None
-            else np.empty((b, 0), np.int64)
-        )
+        asked = np.empty((b, 0), np.int64)
+        if capture is not None:
+            asked = capture.cpu().numpy().astype(np.int64)
+            _check_shape("capture", asked, (b, asked.shape[-1]))
+            if asked.size and not (asked.min() >= -1 and asked.max() < length):
+                raise ValueError(f"a captured position must be -1 or 0 to {length - 1}")
         if state is None:
             conv0 = np.zeros((layers, b, d, kernel - 1), np.float32)
             ssm0 = np.zeros((layers, b, d, n), np.float32)
         else:
             conv0 = fastmath.as_array(torch.stack([s.conv for s in state]))
             ssm0 = fastmath.as_array(torch.stack([s.ssm for s in state]))
+            _check_shape("start conv state", conv0, (layers, b, d, kernel - 1))
+            _check_shape("start ssm state", ssm0, (layers, b, d, n))
         sgemm = blas.sgemm_address() if self.use_sgemm else 0
         tables = (self.concepts, self.kinds, self.segments, self.visit_orders)
         hidden, end_conv, end_ssm, cap_conv, cap_ssm = _network(
@@ -216,6 +221,13 @@ class PackedModel:
         years = batch.time.cpu().float().numpy().reshape(-1) / np.float32(self.weeks_per_year)
         age = batch.age.cpu().float().numpy().reshape(-1)
         return ids, np.stack([years, age]).astype(np.float32)
+
+
+def _check_shape(name: str, array: npt.NDArray[np.generic], shape: tuple[int, ...]) -> None:
+    """Raise ValueError unless ``array`` has ``shape``: the kernel indexes without bounds
+    checks, so a mismatch would read or write beyond an array instead of failing."""
+    if array.shape != shape:
+        raise ValueError(f"{name} has shape {array.shape}, expected {shape}")
 
 
 # A parameter as packed: its module and name, the tensor, its version and storage address.

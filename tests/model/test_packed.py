@@ -130,6 +130,21 @@ def test_an_id_beyond_its_table_is_refused_on_the_packed_path(stream: str) -> No
         model(batch)
 
 
+def test_inputs_that_do_not_fit_are_refused_before_the_kernel_reads_them() -> None:
+    """The kernel indexes without bounds checks; these must fail in Python instead."""
+    model = _model()
+    with torch.no_grad():
+        _, two_rows, _ = model(random_batch(2, 3))
+        with pytest.raises(ValueError, match="start conv state has shape"):
+            model(random_batch(3, 4), two_rows)
+        with pytest.raises(ValueError, match="captured position"):
+            model(random_batch(1, 4), capture=torch.tensor([[4]]))
+        with pytest.raises(ValueError, match="capture has shape"):
+            model(random_batch(1, 4), capture=torch.tensor([[1], [2]]))
+        with pytest.raises(ValueError, match="parent has shape"):
+            model(random_batch(1, 4), parent=torch.tensor([[-1, 0, 1]]))
+
+
 def test_a_parent_that_is_not_earlier_is_refused_on_the_packed_path() -> None:
     model = _model()
     with torch.no_grad(), pytest.raises(ValueError, match="earlier position"):
