@@ -9,7 +9,7 @@ An incremental score (ten new events, two closing tokens, six task tokens) and a
 step are a few tokens each. Their arithmetic is small; what costs is the per-operation
 overhead of running the embeddings and eight blocks as some three hundred tensor
 operations, every one a Python call, an allocation and a dispatch. Here they run in one
-numba call over weights packed once (stacked per layer, transposed for ``x @ W``), the
+numba call that reads the weight matrices where they lie (``PackedModel``), the
 matrix products through PyTorch's own sgemm (``model.blas``) and everything between them
 in loops the compiler vectorises. It does the same arithmetic as the blocks' fused path
 (``model.scan.fast_scan``, ``model.conv.fast_causal_conv_silu``): the same exp, softplus
@@ -23,6 +23,7 @@ N d n floats, which is why this path is for a few tokens (``FEW_TOKENS``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,7 @@ import numba
 import numpy as np
 import numpy.typing as npt
 import torch
+from numba.typed import List
 from torch import nn
 
 from model import blas, fastmath
@@ -47,9 +49,12 @@ Array = npt.NDArray[np.float32]
 
 @dataclass(frozen=True)
 class PackedModel:
-    """The embeddings', blocks' and final norm's weights, laid out as the kernel reads
-    them: the blocks' stacked per layer (leading axis L). ``sources`` are the parameters
-    they were packed from, so a changed weight is noticed (``unchanged``) and repacked."""
+    """The embeddings', blocks' and final norm's weights as the kernel reads them. The
+    matrices and tables are the parameters' own memory (numpy views; the projections per
+    layer in a numba typed List, in ``nn.Linear``'s (out, in) layout), so packing adds
+    only the small per-channel vectors, stacked per layer (leading axis L). ``sources``
+    are the parameters packed, so a changed or replaced weight is noticed (``unchanged``)
+    and repacked."""
 
     sources: tuple[_Source, ...]
     concepts: Array  # (v, h)
@@ -61,16 +66,16 @@ class PackedModel:
     visit_orders: Array  # (max visit order + 1, h)
     weeks_per_year: float
     norm: Array  # (L, h)
-    in_proj: Array  # (L, h, 2d): x @ in_proj
+    in_proj: Sequence[Array]  # L x (2d, h)
     in_bias: Array  # (L, 2d)
     conv: Array  # (L, K, d): taps, oldest input first
     conv_bias: Array  # (L, d)
-    x_proj: Array  # (L, d, r + 2n)
-    dt_proj: Array  # (L, r, d)
+    x_proj: Sequence[Array]  # L x (r + 2n, d)
+    dt_proj: Sequence[Array]  # L x (d, r)
     dt_bias: Array  # (L, d)
     decay: Array  # (L, n, d): A log2 e (exp(delta A) = 2^(delta A log2 e))
     skip: Array  # (L, d): D
-    out_proj: Array  # (L, d, h)
+    out_proj: Sequence[Array]  # L x (h, d)
     out_bias: Array  # (L, h)
     norm_f: Array  # (h,)
     eps: float
@@ -98,7 +103,12 @@ class PackedModel:
             h = model.config.hidden_size
 
             def array(t: torch.Tensor) -> Array:
+                """The tensor's own memory where it is contiguous float32, else a copy."""
                 return np.ascontiguousarray(t.detach().float().numpy())
+
+            def per_layer(tensors: list[torch.Tensor]) -> Sequence[Array]:
+                matrices: Sequence[Array] = List([array(t) for t in tensors])
+                return matrices
 
             def stack(tensors: list[torch.Tensor]) -> Array:
                 return array(torch.stack([t.detach().float() for t in tensors]))
@@ -117,23 +127,23 @@ class PackedModel:
                 sources=_sources([embed, model.backbone]),
                 concepts=array(model.backbone.embeddings.weight),
                 time2vec=stack(time2vec),
-                project=array(embed.project.weight.t()),
+                project=array(embed.project.weight),
                 project_bias=array(embed.project.bias),
                 kinds=array(embed.token_type.weight),
                 segments=array(embed.segment.weight),
                 visit_orders=array(embed.visit_order.weight),
                 weeks_per_year=WEEKS_PER_YEAR,
                 norm=stack([block.norm.weight for block in blocks]),
-                in_proj=stack([m.in_proj.weight.t() for m in mixers]),
+                in_proj=per_layer([m.in_proj.weight for m in mixers]),
                 in_bias=stack([bias_or_zero(m.in_proj.bias, 2 * d) for m in mixers]),
                 conv=stack([m.conv1d.weight[:, 0, :].t() for m in mixers]),
                 conv_bias=stack([bias_or_zero(m.conv1d.bias, d) for m in mixers]),
-                x_proj=stack([m.x_proj.weight.t() for m in mixers]),
-                dt_proj=stack([m.dt_proj.weight.t() for m in mixers]),
+                x_proj=per_layer([m.x_proj.weight for m in mixers]),
+                dt_proj=per_layer([m.dt_proj.weight for m in mixers]),
                 dt_bias=stack([m.dt_proj.bias for m in mixers]),
                 decay=stack([-torch.exp(m.A_log.float()).t() * log2e for m in mixers]),
                 skip=stack([m.D for m in mixers]),
-                out_proj=stack([m.out_proj.weight.t() for m in mixers]),
+                out_proj=per_layer([m.out_proj.weight for m in mixers]),
                 out_bias=stack([bias_or_zero(m.out_proj.bias, h) for m in mixers]),
                 norm_f=array(model.backbone.norm_f.weight),
                 eps=float(blocks[0].norm.eps),
@@ -277,16 +287,16 @@ def _network(
     ssm0: Array,  # (L, b, d, n) start states
     tables: tuple[Array, Array, Array, Array],  # concepts, types, segments, visit orders
     time2vec: Array, project: Array, project_bias: Array,
-    norm: Array, in_proj: Array, in_bias: Array, conv: Array, conv_bias: Array,
-    x_proj: Array, dt_proj: Array, dt_bias: Array, decay: Array, skip: Array,
-    out_proj: Array, out_bias: Array, norm_f: Array, eps: np.float32,
+    norm: Array, in_proj: Sequence[Array], in_bias: Array, conv: Array, conv_bias: Array,
+    x_proj: Sequence[Array], dt_proj: Sequence[Array], dt_bias: Array, decay: Array,
+    skip: Array, out_proj: Sequence[Array], out_bias: Array, norm_f: Array, eps: np.float32,
 ) -> tuple[Array, Array, Array, Array, Array]:  # fmt: skip
     """The embeddings, every block, the final norm. Returns hidden (N, h), end conv
     (L, b, d, K-1), end ssm (L, b, d, n), captured conv (L, b, k, d, K-1) and ssm
     (L, b, k, d, n)."""
     layers, kernel, d = conv.shape
     n = decay.shape[1]
-    r = dt_proj.shape[1]
+    r = dt_proj[0].shape[1]
     b, length = parent.shape
     k = capture.shape[1]
     tokens = ids.shape[1]
