@@ -8,9 +8,10 @@ kernel can call it through its address (``sgemm_address``), passed in as an inte
 the kernel still caches. Where the symbol is absent (another platform or build) the address
 is 0 and ``gemm`` falls back to ``np.dot``: the same numbers to float32 rounding (tested).
 
-The products take weights as ``nn.Linear`` keeps them, (out, in), so a kernel reads the
-parameters' own memory and nothing is transposed or copied; a leading dimension lets x be
-every row of a wider matrix's first columns without a copy.
+The products take a weight as ``nn.Linear`` keeps it, (out, in), so a kernel can read the
+parameter's own memory, or as a transposed copy, (in, out), which MKL multiplies about 1.4x
+faster at 17 rows here; a leading dimension lets x be every row of a wider matrix's first
+columns without a copy.
 """
 
 from __future__ import annotations
@@ -65,37 +66,41 @@ _call_sgemm = cast(Callable[..., None], intrinsic(_call13))
 
 @numba.njit(inline="always")
 def gemm(
-    sgemm: int, x: Array, rows: int, depth: int, ldx: int, weight: Array, out: Array,
-    accumulate: bool, scratch: npt.NDArray[np.int32], scalars: Array,
+    sgemm: int, x: Array, rows: int, depth: int, ldx: int, weight: Array, transposed: bool,
+    out: Array, accumulate: bool, scratch: npt.NDArray[np.int32], scalars: Array,
 ) -> None:  # fmt: skip
-    """out (rows, m) = x[:rows, :depth] @ weight.T, or ``+=`` with ``accumulate``: what
-    ``nn.Linear`` computes, with its weight (m, depth) as it lies.
+    """out (rows, m) = x[:rows, :depth] @ W.T, or ``+=`` with ``accumulate``: what
+    ``nn.Linear`` with weight W (m, depth) computes. ``weight`` is W as the layer keeps it,
+    or with ``transposed`` a copy of W.T (depth, m), which MKL multiplies faster when x
+    has a few rows.
 
     x's rows are ``ldx`` apart (x may be wider than ``depth``); weight and out are
     contiguous. ``sgemm``: ``sgemm_address()``, 0 for ``np.dot``. ``scratch`` (8,) int32
     and ``scalars`` (2,) float32 hold the Fortran arguments (passed by address)."""
-    m = weight.shape[0]
+    m = weight.shape[1] if transposed else weight.shape[0]
     if sgemm == 0:
-        product = np.dot(np.ascontiguousarray(x[:rows, :depth]), weight.T)
+        rows_of_x = np.ascontiguousarray(x[:rows, :depth])
+        product = np.dot(rows_of_x, weight) if transposed else np.dot(rows_of_x, weight.T)
         if accumulate:
             out += product
         else:
             out[:] = product
         return
-    # Column-major, out^T (m, rows) = weight (m, depth) x^T (depth, rows): the row-major
-    # weight is its own transpose column-major, hence "T" for it and "N" for x.
+    # Column-major, out^T (m, rows) = W (m, depth) x^T (depth, rows). A row-major (m, depth)
+    # W is W^T column-major, hence "T" for it; a row-major copy of W.T is W itself, "N".
     scratch[0] = m
     scratch[1] = rows
     scratch[2] = depth
     scratch[3] = ldx
     scratch[4] = 78  # "N"
-    scratch[5] = 84  # "T"
+    scratch[5] = 78 if transposed else 84  # "N" or "T"
+    scratch[6] = m if transposed else depth  # W's leading dimension
     scalars[0] = 1.0
     scalars[1] = 1.0 if accumulate else 0.0
     base = scratch.ctypes.data
     four = 4  # bytes per int32 and per float32
     _call_sgemm(
         sgemm, base + 5 * four, base + 4 * four, base, base + four, base + 2 * four,
-        scalars.ctypes.data, weight.ctypes.data, base + 2 * four, x.ctypes.data,
+        scalars.ctypes.data, weight.ctypes.data, base + 6 * four, x.ctypes.data,
         base + 3 * four, scalars.ctypes.data + four, out.ctypes.data, base,
     )  # fmt: skip

@@ -9,7 +9,7 @@ An incremental score (ten new events, two closing tokens, six task tokens) and a
 step are a few tokens each. Their arithmetic is small; what costs is the per-operation
 overhead of running the embeddings and eight blocks as some three hundred tensor
 operations, every one a Python call, an allocation and a dispatch. Here they run in one
-numba call that reads the weight matrices where they lie (``PackedModel``), the
+numba call over the weights as ``PackedModel`` lays them out, the
 matrix products through PyTorch's own sgemm (``model.blas``) and everything between them
 in loops the compiler vectorises. It does the same arithmetic as the blocks' fused path
 (``model.scan.fast_scan``, ``model.conv.fast_causal_conv_silu``): the same exp, softplus
@@ -43,42 +43,48 @@ if TYPE_CHECKING:
     from model.network import EHRMamba, TokenBatch
 
 FEW_TOKENS = 256  # forwards of at most this many tokens (b * l) take the packed path
+COPY_BUDGET = 64 * 2**20  # bytes of transposed projection copies (compact: 14 MB)
 
 Array = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)
 class PackedModel:
-    """The embeddings', blocks' and final norm's weights as the kernel reads them. The
-    matrices and tables are the parameters' own memory (numpy views; the projections per
-    layer in a numba typed List, in ``nn.Linear``'s (out, in) layout), so packing adds
-    only the small per-channel vectors, stacked per layer (leading axis L). ``sources``
-    are the parameters packed, so a changed or replaced weight is noticed (``unchanged``)
-    and repacked."""
+    """The embeddings', blocks' and final norm's weights as the kernel reads them: the
+    per-channel vectors stacked per layer (leading axis L), the projections per layer in
+    numba typed Lists, the tables as they lie (numpy views of the parameters).
+
+    A projection is a transposed (in, out) copy while all of them take at most
+    ``COPY_BUDGET`` bytes: MKL multiplies a few rows by it about 1.4x faster than by
+    ``nn.Linear``'s (out, in) weight. Beyond that (the paper size: 0.5 GB) the kernel reads
+    the parameters themselves rather than hold a second model. ``sources`` are the
+    parameters packed, so a changed or replaced weight is noticed (``unchanged``) and the
+    model repacked."""
 
     sources: tuple[_Source, ...]
     concepts: Array  # (v, h)
     time2vec: Array  # (2, 2, e): time then age; weights then biases (column 0 the linear)
-    project: Array  # (h + 2e, h)
+    project: Array  # (h, h + 2e), or (h + 2e, h)
     project_bias: Array  # (h,)
     kinds: Array  # (token types, h)
     segments: Array  # (segments, h)
     visit_orders: Array  # (max visit order + 1, h)
     weeks_per_year: float
     norm: Array  # (L, h)
-    in_proj: Sequence[Array]  # L x (2d, h)
+    in_proj: Sequence[Array]  # L x (2d, h); with ``transposed``, (h, 2d)
     in_bias: Array  # (L, 2d)
     conv: Array  # (L, K, d): taps, oldest input first
     conv_bias: Array  # (L, d)
-    x_proj: Sequence[Array]  # L x (r + 2n, d)
-    dt_proj: Sequence[Array]  # L x (d, r)
+    x_proj: Sequence[Array]  # L x (r + 2n, d), or (d, r + 2n)
+    dt_proj: Sequence[Array]  # L x (d, r), or (r, d)
     dt_bias: Array  # (L, d)
     decay: Array  # (L, n, d): A log2 e (exp(delta A) = 2^(delta A log2 e))
     skip: Array  # (L, d): D
-    out_proj: Sequence[Array]  # L x (h, d)
+    out_proj: Sequence[Array]  # L x (h, d), or (d, h)
     out_bias: Array  # (L, h)
     norm_f: Array  # (h,)
     eps: float
+    transposed: bool  # the projections as (in, out) copies (see ``COPY_BUDGET``)
     use_sgemm: bool = True  # PyTorch's sgemm where it exports one; False: np.dot (tests)
 
     def unchanged(self) -> bool:
@@ -106,8 +112,16 @@ class PackedModel:
                 """The tensor's own memory where it is contiguous float32, else a copy."""
                 return np.ascontiguousarray(t.detach().float().numpy())
 
-            def per_layer(tensors: list[torch.Tensor]) -> Sequence[Array]:
-                matrices: Sequence[Array] = List([array(t) for t in tensors])
+            projections = [embed.project.weight] + [
+                p.weight for m in mixers for p in (m.in_proj, m.x_proj, m.dt_proj, m.out_proj)
+            ]
+            transposed = sum(p.numel() * 4 for p in projections) <= COPY_BUDGET
+
+            def matrix(weight: torch.Tensor) -> Array:
+                return array(weight.t()) if transposed else array(weight)
+
+            def per_layer(weights: list[torch.Tensor]) -> Sequence[Array]:
+                matrices: Sequence[Array] = List([matrix(w) for w in weights])
                 return matrices
 
             def stack(tensors: list[torch.Tensor]) -> Array:
@@ -127,7 +141,7 @@ class PackedModel:
                 sources=_sources([embed, model.backbone]),
                 concepts=array(model.backbone.embeddings.weight),
                 time2vec=stack(time2vec),
-                project=array(embed.project.weight),
+                project=matrix(embed.project.weight),
                 project_bias=array(embed.project.bias),
                 kinds=array(embed.token_type.weight),
                 segments=array(embed.segment.weight),
@@ -147,6 +161,7 @@ class PackedModel:
                 out_bias=stack([bias_or_zero(m.out_proj.bias, h) for m in mixers]),
                 norm_f=array(model.backbone.norm_f.weight),
                 eps=float(blocks[0].norm.eps),
+                transposed=transposed,
             )
 
     def forward(
@@ -190,7 +205,7 @@ class PackedModel:
         sgemm = blas.sgemm_address() if self.use_sgemm else 0
         tables = (self.concepts, self.kinds, self.segments, self.visit_orders)
         hidden, end_conv, end_ssm, cap_conv, cap_ssm = _network(
-            sgemm, ids, when, parents, asked, conv0, ssm0,
+            sgemm, self.transposed, ids, when, parents, asked, conv0, ssm0,
             tables, self.time2vec, self.project, self.project_bias,
             self.norm, self.in_proj, self.in_bias, self.conv, self.conv_bias, self.x_proj,
             self.dt_proj, self.dt_bias, self.decay, self.skip, self.out_proj, self.out_bias,
@@ -279,6 +294,7 @@ def applies(model: EHRMamba, batch: TokenBatch) -> bool:
 @numba.njit(cache=True, fastmath=True, error_model="numpy")
 def _network(
     sgemm: int,  # blas.sgemm_address(), 0 for np.dot
+    transposed: bool,  # the projections are (in, out) copies, not the (out, in) parameters
     ids: npt.NDArray[np.int64],  # (4, N): concept, type, segment, visit order; N = b * l
     when: Array,  # (2, N): years since 1970, age
     parent: npt.NDArray[np.int64],  # (b, l)
@@ -296,15 +312,15 @@ def _network(
     (L, b, k, d, n)."""
     layers, kernel, d = conv.shape
     n = decay.shape[1]
-    r = dt_proj[0].shape[1]
+    r = x_proj[0].shape[1 if transposed else 0] - 2 * n
     b, length = parent.shape
     k = capture.shape[1]
     tokens = ids.shape[1]
     h = norm_f.shape[0]
     scratch = np.empty(8, np.int32)  # the BLAS call's arguments
     scalars = np.empty(2, np.float32)
-    residual = _embed(sgemm, ids, when, tables, time2vec, project, project_bias, scratch,
-                      scalars)  # fmt: skip
+    residual = _embed(sgemm, transposed, ids, when, tables, time2vec, project, project_bias,
+                      scratch, scalars)  # fmt: skip
     # Each token's conv window along its path, oldest first, the token itself last:
     # p >= 0 a position of the row, p < 0 the start state's input K-1+p (-1 the newest).
     window = np.empty((b, length, kernel), np.int64)
@@ -331,7 +347,7 @@ def _network(
     cap_ssm = np.zeros((layers, b, k, d, n), np.float32)
     for li in range(layers):
         _rms_norm(residual, norm[li], eps, normed)
-        gemm(sgemm, normed, tokens, h, h, in_proj[li], xz, False, scratch, scalars)
+        gemm(sgemm, normed, tokens, h, h, in_proj[li], transposed, xz, False, scratch, scalars)
         for m in range(tokens):
             for c in range(2 * d):
                 xz[m, c] += in_bias[li, c]
@@ -352,9 +368,10 @@ def _network(
                             out[c] += conv0[li, bi, c, kernel - 1 + p] * tap[c]
                 for c in range(d):
                     out[c] = fastmath.silu(out[c])
-        gemm(sgemm, u, tokens, d, d, x_proj[li], selection, False, scratch, scalars)
-        gemm(sgemm, selection, tokens, r, r + 2 * n, dt_proj[li], raw_dt, False, scratch,
+        gemm(sgemm, u, tokens, d, d, x_proj[li], transposed, selection, False, scratch,
              scalars)  # fmt: skip
+        gemm(sgemm, selection, tokens, r, r + 2 * n, dt_proj[li], transposed, raw_dt, False,
+             scratch, scalars)  # fmt: skip
         for bi in range(b):
             for s in range(n):
                 for c in range(d):
@@ -384,7 +401,8 @@ def _network(
                         y[c] += c_t * value
                 for c in range(d):
                     y[c] *= fastmath.silu(xz[m, d + c])
-        gemm(sgemm, gated, tokens, d, d, out_proj[li], residual, True, scratch, scalars)
+        gemm(sgemm, gated, tokens, d, d, out_proj[li], transposed, residual, True, scratch,
+             scalars)  # fmt: skip
         for m in range(tokens):
             for c in range(h):
                 residual[m, c] += out_bias[li, c]
@@ -403,7 +421,7 @@ def _network(
 
 @numba.njit(inline="always", fastmath=True, error_model="numpy")
 def _embed(
-    sgemm: int, ids: npt.NDArray[np.int64], when: Array,
+    sgemm: int, transposed: bool, ids: npt.NDArray[np.int64], when: Array,
     tables: tuple[Array, Array, Array, Array], time2vec: Array, project: Array,
     project_bias: Array, scratch: npt.NDArray[np.int32], scalars: Array,
 ) -> Array:  # fmt: skip
@@ -424,7 +442,8 @@ def _embed(
             for j in range(1, e):
                 features[m, at + j] = np.sin(x * time2vec[stream, 0, j] + time2vec[stream, 1, j])
     out = np.empty((tokens, h), np.float32)
-    gemm(sgemm, features, tokens, h + 2 * e, h + 2 * e, project, out, False, scratch, scalars)
+    gemm(sgemm, features, tokens, h + 2 * e, h + 2 * e, project, transposed, out, False,
+         scratch, scalars)  # fmt: skip
     for m in range(tokens):
         kind, segment, visit = kinds[ids[1, m]], segments[ids[2, m]], visits[ids[3, m]]
         for c in range(h):

@@ -57,7 +57,12 @@ def _forward(
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("sgemm", [True, False], ids=["torch-sgemm", "np-dot"])
-def test_packed_equals_the_blocks(bias: bool, sgemm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("copies", [True, False], ids=["transposed-copies", "in-place"])
+def test_packed_equals_the_blocks(
+    bias: bool, sgemm: bool, copies: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not copies:
+        monkeypatch.setattr(packed, "COPY_BUDGET", 0)
     model = _model(bias)
     with torch.inference_mode():
         model._packed_weights = dataclasses.replace(model._packed(), use_sgemm=sgemm)
@@ -79,15 +84,23 @@ def test_pytorch_sgemm_is_found_where_its_wheels_export_it() -> None:
     assert blas.sgemm_address() != 0
 
 
-def test_packing_reads_the_weight_matrices_in_place() -> None:
-    """Packing copies no matrix or table: a paper-size model's would be 0.5 GB more."""
+def test_projections_are_copied_only_within_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transposed copies are faster; beyond ``COPY_BUDGET`` (a paper-size model's would be
+    0.5 GB more) the kernel reads the parameters themselves. Tables are never copied."""
     model = _model()
-    with torch.no_grad():
-        weights = model._packed()
     mixer = model.backbone.blocks()[2].mixer
-    assert np.shares_memory(weights.in_proj[2], mixer.in_proj.weight.detach().numpy())
-    assert np.shares_memory(weights.out_proj[2], mixer.out_proj.weight.detach().numpy())
-    assert np.shares_memory(weights.concepts, model.backbone.embeddings.weight.detach().numpy())
+    in_proj = mixer.in_proj.weight.detach().numpy()
+    with torch.no_grad():
+        copied = packed.PackedModel.of(model)
+        monkeypatch.setattr(packed, "COPY_BUDGET", 0)
+        shared = packed.PackedModel.of(model)
+    assert copied.transposed
+    assert not np.shares_memory(copied.in_proj[2], in_proj)
+    assert not shared.transposed
+    assert np.shares_memory(shared.in_proj[2], in_proj)
+    assert np.shares_memory(shared.out_proj[2], mixer.out_proj.weight.detach().numpy())
+    for weights in (copied, shared):
+        assert np.shares_memory(weights.concepts, model.backbone.embeddings.weight.detach().numpy())
 
 
 def test_a_weight_changed_after_packing_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
