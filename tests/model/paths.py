@@ -7,6 +7,7 @@ import pytest
 from model import packed
 
 INFERENCE_PATHS = ("packed", "blocks")
+SCAN_PATHS = (*INFERENCE_PATHS, "reference-scan")  # the last: with gradients
 
 
 def use_inference_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
@@ -16,3 +17,12 @@ def use_inference_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
     if path not in INFERENCE_PATHS:
         raise ValueError(f"unknown inference path {path!r}")
     monkeypatch.setattr(packed, "FEW_TOKENS", 10**9 if path == "packed" else 0)
+
+
+def use_scan_path(monkeypatch: pytest.MonkeyPatch, path: str) -> bool:
+    """Set up one of ``SCAN_PATHS``; whether the test should run with gradients on (the
+    "reference-scan" path: every forward then takes the training path)."""
+    if path == "reference-scan":
+        return True
+    use_inference_path(monkeypatch, path)
+    return False

@@ -12,7 +12,7 @@ from model.branches import Branches
 from model.config import ModelConfig
 from model.mamba import LayerState
 from model.network import EHRMamba, ModelState, TokenBatch
-from tests.model.paths import INFERENCE_PATHS, use_inference_path
+from tests.model.paths import SCAN_PATHS, use_scan_path
 from tests.model.random_batches import VOCAB, random_batch
 
 TOL = 2e-5
@@ -55,14 +55,12 @@ def _start(model: EHRMamba, carried: bool) -> ModelState | None:
 
 
 @pytest.mark.parametrize("carried", [False, True], ids=["empty-start", "carried-start"])
-@pytest.mark.parametrize("scan_path", [*INFERENCE_PATHS, "reference-scan"])
+@pytest.mark.parametrize("scan_path", SCAN_PATHS)
 def test_every_token_of_a_tree_equals_its_path_scanned_alone(
     scan_path: str, carried: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """(Branches across the compiled kernel's time tiles: ``tests/model/test_kernels.py``.)"""
-    grad = scan_path == "reference-scan"
-    if not grad:
-        use_inference_path(monkeypatch, scan_path)
+    grad = use_scan_path(monkeypatch, scan_path)
     model = _model()
     batch = random_batch(2, len(PARENTS), seed=3)
     parent = torch.tensor([PARENTS, list(range(-1, len(PARENTS) - 1))])  # row 1: plain chain

@@ -11,7 +11,7 @@ from model import scan
 from model.config import ModelConfig
 from model.interop import to_transformers
 from model.network import EHRMamba, ModelState, TokenBatch
-from tests.model.paths import INFERENCE_PATHS, use_inference_path
+from tests.model.paths import SCAN_PATHS, use_scan_path
 from tests.model.random_batches import VOCAB, random_batch
 
 TOL = 2e-5
@@ -41,13 +41,11 @@ def test_backbone_weights_load_into_transformers_and_back(model: EHRMamba) -> No
         assert torch.equal(copy.backbone.state_dict()[name], tensor), name
 
 
-@pytest.mark.parametrize("path", [*INFERENCE_PATHS, "reference-scan"])
+@pytest.mark.parametrize("path", SCAN_PATHS)
 def test_full_forward_matches_transformers(
     model: EHRMamba, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    grad = path == "reference-scan"
-    if not grad:
-        use_inference_path(monkeypatch, path)
+    grad = use_scan_path(monkeypatch, path)
     reference = to_transformers(model)
     assert isinstance(reference, MambaModel)
     batch = random_batch(2, 150)  # crosses a fast-scan chunk boundary
