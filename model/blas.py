@@ -1,16 +1,16 @@
 """Matrix products inside compiled kernels, through the BLAS that PyTorch itself runs.
 
 A forward of a few tokens (``model.packed``) multiplies a handful of rows by each weight
-matrix. numba's ``np.dot`` calls SciPy's OpenBLAS, which is 2x to 5x slower than PyTorch's
-MKL at 17 rows here and starts threads of its own beside PyTorch's. PyTorch's x86 Linux
+matrix. numba's ``np.dot`` calls SciPy's OpenBLAS, which was several times slower than
+PyTorch's MKL at 17 rows here and starts threads of its own beside PyTorch's. PyTorch's x86 Linux
 wheels link MKL statically and export its Fortran ``sgemm_`` from ``libtorch_cpu``; a
 kernel can call it through its address (``sgemm_address``), passed in as an integer, so
 the kernel still caches. Where the symbol is absent (another platform or build) the address
 is 0 and ``gemm`` falls back to ``np.dot``: the same numbers to float32 rounding (tested).
 
 The products take a weight as ``nn.Linear`` keeps it, (out, in), so a kernel can read the
-parameter's own memory, or as a transposed copy, (in, out), which MKL multiplies about 1.4x
-faster at 17 rows here; a leading dimension lets x be every row of a wider matrix's first
+parameter's own memory, or as a transposed copy, (in, out), which MKL multiplied faster
+at 17 rows here; a leading dimension lets x be every row of a wider matrix's first
 columns without a copy.
 """
 

@@ -55,7 +55,7 @@ class PackedModel:
     numba typed Lists, the tables as they lie (numpy views of the parameters).
 
     A projection is a transposed (in, out) copy while all of them take at most
-    ``COPY_BUDGET`` bytes: MKL multiplies a few rows by it about 1.4x faster than by
+    ``COPY_BUDGET`` bytes: MKL multiplies a few rows by it faster than by
     ``nn.Linear``'s (out, in) weight. Beyond that (the paper size: 0.5 GB) the kernel reads
     the parameters themselves rather than hold a second model. ``sources`` are the
     parameters packed, so a changed or replaced weight is noticed (``unchanged``) and the
