@@ -36,7 +36,7 @@ from torch import nn
 
 from model import blas, fastmath
 from model.blas import gemm
-from model.branches import check_parents
+from model.branches import Branches
 from model.mamba import LayerState
 
 if TYPE_CHECKING:
@@ -183,11 +183,14 @@ class PackedModel:
         n = self.decay.shape[1]
         ids, when = self._streams(batch)
         if parent is not None:
-            parents = parent.cpu().numpy().astype(np.int64)
-            _check_shape("parent", parents, (b, length))
-            check_parents(parents)
+            _check_shape("parent", parent.cpu().numpy(), (b, length))
+            branches = Branches.of(parent, kernel)
+            parents = branches.parent.numpy()
+            window = branches.windows.numpy() - (kernel - 1)  # conv_in rows -> positions
         else:
             parents = np.broadcast_to(np.arange(-1, length - 1), (b, length)).copy()
+            plain = np.arange(length)[:, None] + np.arange(1 - kernel, 1)  # (l, K)
+            window = np.broadcast_to(plain, (b, length, kernel)).copy()
         asked = np.empty((b, 0), np.int64)
         if capture is not None:
             asked = capture.cpu().numpy().astype(np.int64)
@@ -205,7 +208,7 @@ class PackedModel:
         sgemm = blas.sgemm_address() if self.use_sgemm else 0
         tables = (self.concepts, self.kinds, self.segments, self.visit_orders)
         hidden, end_conv, end_ssm, cap_conv, cap_ssm = _network(
-            sgemm, self.transposed, ids, when, parents, asked, conv0, ssm0,
+            sgemm, self.transposed, ids, when, parents, window, asked, conv0, ssm0,
             tables, self.time2vec, self.project, self.project_bias,
             self.norm, self.in_proj, self.in_bias, self.conv, self.conv_bias, self.x_proj,
             self.dt_proj, self.dt_bias, self.decay, self.skip, self.out_proj, self.out_bias,
@@ -298,6 +301,7 @@ def _network(
     ids: npt.NDArray[np.int64],  # (4, N): concept, type, segment, visit order; N = b * l
     when: Array,  # (2, N): years since 1970, age
     parent: npt.NDArray[np.int64],  # (b, l)
+    window: npt.NDArray[np.int64],  # (b, l, K): ``Branches.windows`` less K-1, see below
     capture: npt.NDArray[np.int64],  # (b, k), -1 for none
     conv0: Array,  # (L, b, d, K-1) start conv inputs, oldest first
     ssm0: Array,  # (L, b, d, n) start states
@@ -321,16 +325,8 @@ def _network(
     scalars = np.empty(2, np.float32)
     residual = _embed(sgemm, transposed, ids, when, tables, time2vec, project, project_bias,
                       scratch, scalars)  # fmt: skip
-    # Each token's conv window along its path, oldest first, the token itself last:
+    # window: each token's conv window along its path, oldest first, the token itself last;
     # p >= 0 a position of the row, p < 0 the start state's input K-1+p (-1 the newest).
-    window = np.empty((b, length, kernel), np.int64)
-    for bi in range(b):
-        for t in range(length):
-            p = t
-            window[bi, t, kernel - 1] = p
-            for q in range(kernel - 2, -1, -1):
-                p = parent[bi, p] if p >= 0 else p - 1
-                window[bi, t, q] = p
     xz = np.empty((tokens, 2 * d), np.float32)  # conv input, then the gate's input
     selection = np.empty((tokens, r + 2 * n), np.float32)  # dt (before dt_proj), B, C
     raw_dt = np.empty((tokens, d), np.float32)
