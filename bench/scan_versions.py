@@ -50,26 +50,43 @@ class Comparison:
 
 
 def load_revision(revision: str, repo: Path) -> ModuleType:
-    """``model/scan.py`` as it was at ``revision``, imported as its own module."""
+    """``model/scan.py`` as it was at ``revision``, imported as its own module, with that
+    revision's ``model/fastmath.py`` (the helpers its kernels inline and call) beside it."""
+    scan_source = _show(revision, "model/scan.py", repo)
+    helpers_source = _show(revision, "model/fastmath.py", repo)
+    folder = Path(tempfile.mkdtemp(prefix="scan-version-"))
+    atexit.register(shutil.rmtree, folder, True)  # the copies and numba's cache of them
+    tag = abs(hash(revision)) % 10**8
+    helpers = _import(folder / f"fastmath_{tag}.py", helpers_source)
+    source = scan_source.replace(
+        "from model import fastmath", f"import {helpers.__name__} as fastmath"
+    ).replace("from model.fastmath import", f"from {helpers.__name__} import")
+    module = _import(folder / f"scan_{tag}.py", source)
+    check_compatible(module, revision)
+    return module
+
+
+def _show(revision: str, path: str, repo: Path) -> str:
+    """The text of ``path`` at ``revision``."""
     try:
-        source = subprocess.run(
-            ["git", "show", f"{revision}:model/scan.py"], cwd=repo, check=True,
-            capture_output=True, text=True,
+        return subprocess.run(
+            ["git", "show", f"{revision}:{path}"], cwd=repo, check=True, capture_output=True,
+            text=True,
         ).stdout  # fmt: skip
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
-        raise ValueError(f"cannot read model/scan.py at {revision!r}: {detail.strip()}") from exc
-    folder = Path(tempfile.mkdtemp(prefix="scan-version-"))
-    atexit.register(shutil.rmtree, folder, True)  # the copy and numba's cache of it
-    path = folder / f"scan_{abs(hash(revision)) % 10**8}.py"
+        raise ValueError(f"cannot read {path} at {revision!r}: {detail.strip()}") from exc
+
+
+def _import(path: Path, source: str) -> ModuleType:
+    """``source`` written to ``path`` and imported as a module named after it."""
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module  # numba's cache looks its functions up by module
+    sys.modules[path.stem] = module  # imports by name, and numba's cache, look it up here
     spec.loader.exec_module(module)
-    check_compatible(module, revision)
     return module
 
 

@@ -129,10 +129,21 @@ def as_array(x: torch.Tensor, pad: int = 0, axis: int = -1) -> npt.NDArray[np.fl
     return np.pad(result, widths)
 
 
-def as_view(x: torch.Tensor, pad: int = 0) -> npt.NDArray[np.float32]:
-    """x as float32 numpy without a copy where it already is one (a strided view is fine
-    for a kernel that reads each element once), else a padded copy (``as_array``)."""
-    if pad or x.dtype != torch.float32 or x.device.type != "cpu":
-        return as_array(x, pad)
-    shared: npt.NDArray[np.float32] = x.detach().numpy()
-    return shared
+def as_rows(x: torch.Tensor, pad: int = 0) -> tuple[npt.NDArray[np.float32], int]:
+    """x (b, l, c) as ``(rows, at)``, rows a C-contiguous float32 (b, l, w) array with
+    x[i, t, j] = rows[i, t, at + j]. No copy where x is a column slice of a contiguous
+    (b, l, w) tensor (the gate half of ``in_proj``'s output, B and C of ``x_proj``'s): a
+    kernel compiled for C-contiguous rows vectorises loops that it cannot over a strided
+    view, and the copy would cost a pass over the data. Otherwise a copy, with ``pad`` zero
+    columns appended (``as_array``), and at = 0."""
+    if not pad and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 3:
+        b, length, c = x.shape
+        s0, s1, s2 = (int(s) for s in x.stride())
+        if b * length * c and s2 == 1 and s1 >= c and s0 == s1 * length:
+            at = int(x.storage_offset()) % s1
+            start = x.storage_offset() - at
+            if at + c <= s1 and start + b * s0 <= x.untyped_storage().nbytes() // 4:
+                rows = torch.as_strided(x.detach(), (b, length, s1), (s0, s1, 1), start)
+                shared: npt.NDArray[np.float32] = rows.numpy()
+                return shared, at
+    return as_array(x, pad), 0

@@ -38,14 +38,13 @@ import numpy.typing as npt
 import torch
 
 from model import fastmath
-from model.fastmath import as_array, as_view
+from model.fastmath import as_array, as_rows
 
 # Channels per parallel job of the forward kernel, scanned side by side as whole vectors
-# (eight AVX2 registers; the compiler unrolls loops of this fixed count), and time steps
-# whose inputs it stages at once. On the compact size at 2,048 tokens 64 x 16 ran a fifth
-# faster than 16 x 32 (`ehrmamba bench scan-versions`, docs/benchmarks.md).
+# (four AVX-512 registers; the compiler unrolls loops of this fixed count). Fixed, so the
+# loops over them vectorise fully; a width that is not a multiple is padded with inert
+# channels. Eight jobs per row of the compact size keep eight cores busy at batch 1.
 LANES = 64
-TILE = 16
 # Time steps per checkpoint of the backward; its exp(delta * A) per chunk stays in cache.
 CHUNK = 128
 # The backward's parallel jobs per batch row: each walks a slice of the channels and sums
@@ -168,9 +167,9 @@ def fast_scan(
         for row, slot in plan.from_start:  # branches off the start state read it from a slot
             states[row, slot] = h[row]
         _scan_forward(
-            as_view(u, pad), as_view(delta, pad), as_array(A, pad, axis=0), as_view(B), as_view(C),
-            as_array(D, pad), as_array(bias, pad), delta_bias is not None, as_view(gates, pad),
-            h, y, plan.slots, plan.load, states,
+            as_rows(u, pad), as_rows(delta, pad), as_array(A, pad, axis=0), as_rows(B),
+            as_rows(C), as_array(D, pad), as_array(bias, pad), delta_bias is not None,
+            as_rows(gates, pad), h, y, plan.slots, plan.load, states,
         )  # fmt: skip
         captured = plan.per_column(states, d) if capture is not None else None
         return (
@@ -352,35 +351,47 @@ class SlotPlan:
         np.add.at(out, (rows, self.columns[rows, cols]), per_column[rows, cols])
 
 
+# A (b, l, w) float32 array and the column where a (b, l, c) input starts in it
+# (``fastmath.as_rows``): column slices reach the kernel without a copy, yet C-contiguous.
+Rows = tuple[npt.NDArray[np.float32], int]
+
+
 @numba.njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
 def _scan_forward(
-    u: npt.NDArray[np.float32],  # (b, l, d), d a multiple of LANES
-    delta: npt.NDArray[np.float32],  # (b, l, d)
+    u: Rows,  # (b, l, d), d a multiple of LANES
+    delta: Rows,  # (b, l, d)
     A: npt.NDArray[np.float32],  # (d, n)
-    B: npt.NDArray[np.float32],  # (b, l, n)
-    C: npt.NDArray[np.float32],  # (b, l, n)
+    B: Rows,  # (b, l, n)
+    C: Rows,  # (b, l, n)
     D: npt.NDArray[np.float32],  # (d,)
     delta_bias: npt.NDArray[np.float32],  # (d,): added to delta before softplus
     softplus: bool,  # delta is the projection before bias and softplus
-    gate: npt.NDArray[np.float32],  # (b, l, d) multiplies y by SiLU(gate); (b, 0, d): none
+    gate: Rows,  # (b, l, d) multiplies y by SiLU(gate); (b, 0, d): none
     h: npt.NDArray[np.float32],  # (b, d, n), updated in place
     y: npt.NDArray[np.float32],  # (b, l, d), written
     slots: npt.NDArray[np.int64],  # (b, l): the slot written after each step, or -1
     load: npt.NDArray[np.int64],  # (b, l): slot of the state a branching step continues, or -1
     captured: npt.NDArray[np.float32],  # (b, slots, d, n): written at slots, read at load
 ) -> None:
-    """One parallel job per (row, group of LANES channels), walking time in tiles of TILE
-    steps. Every inner loop runs over LANES adjacent channels (the state is held as
-    (n, LANES)) or over a whole tile: fixed or long counts, which the compiler turns into
-    whole vector operations, exp(delta * A) included (``fastmath.exp2`` of delta * A log2 e).
-    No (b, l, d, n) decay tensor is ever written, and y needs no reduction across lanes.
-    A tile's (TILE, LANES) inputs are copied into local buffers first, so the softplus and
-    the gate run as long vector loops even when the inputs are strided views."""
-    nb, steps, nd = u.shape
+    """One parallel job per (row, group of LANES channels), one time step after another.
+    The state is held as (n, LANES), so every inner loop runs over LANES adjacent channels:
+    a fixed count, which the compiler turns into whole vector operations, exp(delta * A)
+    included (``fastmath.exp2`` of delta * A log2 e). No (b, l, d, n) decay tensor is ever
+    written, and y needs no reduction across lanes.
+
+    Each step reads its inputs straight from the rows (slices of LANES contiguous floats)
+    into the loops that use them. Staging tiles of several steps into local buffers first,
+    as an earlier version did, made the kernel two to three times slower."""
+    u_rows, u_at = u
+    delta_rows, delta_at = delta
+    b_rows, b_at = B
+    c_rows, c_at = C
+    gate_rows, gate_at = gate
+    nb, steps, _ = y.shape
+    nd = y.shape[2]
     nn = A.shape[1]
     groups = nd // LANES
-    gated = gate.shape[1] > 0
-    size = TILE * LANES
+    gated = gate_rows.shape[1] > 0
     for job in numba.prange(nb * groups):
         bi = job // groups
         d0 = (job % groups) * LANES
@@ -390,59 +401,48 @@ def _scan_forward(
             for w in range(LANES):
                 state[ni, w] = h[bi, d0 + w, ni]
                 a[ni, w] = A[d0 + w, ni] * fastmath.LOG2E
-        bias = np.empty(size, np.float32)  # per tile entry (step-major, then lane)
-        skip = np.empty(size, np.float32)
-        for i in range(size):
-            bias[i] = delta_bias[d0 + i % LANES]
-            skip[i] = D[d0 + i % LANES]
-        step = np.empty(size, np.float32)  # delta_t
-        inputs = np.empty(size, np.float32)  # u_t, later the gate
-        drive = np.empty(size, np.float32)  # delta_t * u_t
-        out = np.empty(size, np.float32)  # y_t
-        for t0 in range(0, steps, TILE):
-            m = min(TILE, steps - t0)
-            for tt in range(m):
-                for w in range(LANES):
-                    step[tt * LANES + w] = delta[bi, t0 + tt, d0 + w]
-                    inputs[tt * LANES + w] = u[bi, t0 + tt, d0 + w]
-            if softplus:
-                for i in range(m * LANES):
-                    step[i] = fastmath.softplus(step[i] + bias[i])
-            for i in range(m * LANES):
-                drive[i] = step[i] * inputs[i]
-                out[i] = skip[i] * inputs[i]
-            for tt in range(m):
-                t = t0 + tt
-                source = load[bi, t]
-                if source >= 0:  # a branch: continue its parent's state, not the previous step's
-                    for ni in range(nn):
-                        for w in range(LANES):
-                            state[ni, w] = captured[bi, source, d0 + w, ni]
-                o = tt * LANES
+        bias = delta_bias[d0 : d0 + LANES]
+        skip = D[d0 : d0 + LANES]
+        step = np.empty(LANES, np.float32)  # delta_t
+        drive = np.empty(LANES, np.float32)  # delta_t * u_t
+        out = np.empty(LANES, np.float32)  # y_t
+        for t in range(steps):
+            source = load[bi, t]
+            if source >= 0:  # a branch: continue its parent's state, not the previous step's
                 for ni in range(nn):
-                    b_t = B[bi, t, ni]
-                    c_t = C[bi, t, ni]
                     for w in range(LANES):
-                        s = (
-                            fastmath.exp2(step[o + w] * a[ni, w]) * state[ni, w]
-                            + drive[o + w] * b_t
-                        )
-                        state[ni, w] = s
-                        out[o + w] += c_t * s
-                slot = slots[bi, t]
-                if slot >= 0:
-                    for ni in range(nn):
-                        for w in range(LANES):
-                            captured[bi, slot, d0 + w, ni] = state[ni, w]
-            if gated:
-                for tt in range(m):
-                    for w in range(LANES):
-                        inputs[tt * LANES + w] = gate[bi, t0 + tt, d0 + w]
-                for i in range(m * LANES):
-                    out[i] *= fastmath.silu(inputs[i])
-            for tt in range(m):
+                        state[ni, w] = captured[bi, source, d0 + w, ni]
+            raw = delta_rows[bi, t, delta_at + d0 : delta_at + d0 + LANES]
+            inputs = u_rows[bi, t, u_at + d0 : u_at + d0 + LANES]
+            if softplus:
                 for w in range(LANES):
-                    y[bi, t0 + tt, d0 + w] = out[tt * LANES + w]
+                    step[w] = fastmath.softplus(raw[w] + bias[w])
+            else:
+                for w in range(LANES):
+                    step[w] = raw[w]
+            for w in range(LANES):
+                drive[w] = step[w] * inputs[w]
+                out[w] = skip[w] * inputs[w]
+            for ni in range(nn):
+                b_t = b_rows[bi, t, b_at + ni]
+                c_t = c_rows[bi, t, c_at + ni]
+                for w in range(LANES):
+                    s = fastmath.exp2(step[w] * a[ni, w]) * state[ni, w] + drive[w] * b_t
+                    state[ni, w] = s
+                    out[w] += c_t * s
+            result = y[bi, t, d0 : d0 + LANES]
+            if gated:
+                z = gate_rows[bi, t, gate_at + d0 : gate_at + d0 + LANES]
+                for w in range(LANES):
+                    result[w] = out[w] * fastmath.silu(z[w])
+            else:
+                for w in range(LANES):
+                    result[w] = out[w]
+            slot = slots[bi, t]
+            if slot >= 0:
+                for ni in range(nn):
+                    for w in range(LANES):
+                        captured[bi, slot, d0 + w, ni] = state[ni, w]
         for ni in range(nn):
             for w in range(LANES):
                 h[bi, d0 + w, ni] = state[ni, w]

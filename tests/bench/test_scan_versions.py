@@ -9,7 +9,7 @@ from types import ModuleType
 import pytest
 
 from bench import scan_versions
-from model import scan
+from model import fastmath, scan
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,6 +29,8 @@ def test_the_loaded_revision_is_what_the_model_calls_while_in_use() -> None:
     other = scan_versions.load_revision("HEAD", REPO)
     mine = scan.fast_scan, scan.compiled_scan
     assert other.fast_scan is not mine[0]
+    assert other.fastmath is not fastmath, "with the revision's own kernel helpers"
+    assert Path(str(other.fastmath.__file__)).parent == Path(str(other.__file__)).parent
     with scan_versions.using(other):
         assert scan.fast_scan is other.fast_scan
         assert scan.compiled_scan is other.compiled_scan

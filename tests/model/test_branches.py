@@ -59,7 +59,7 @@ def _start(model: EHRMamba, carried: bool) -> ModelState | None:
 def test_every_token_of_a_tree_equals_its_path_scanned_alone(
     scan_path: str, carried: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """(Branches across the compiled kernel's time tiles: ``tests/model/test_kernels.py``.)"""
+    """(Branches far back in the compiled kernel: ``tests/model/test_kernels.py``.)"""
     grad = use_scan_path(monkeypatch, scan_path)
     model = _model()
     batch = random_batch(2, len(PARENTS), seed=3)

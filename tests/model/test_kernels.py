@@ -80,10 +80,35 @@ def _inputs(b: int, length: int, d: int, n: int, seed: int) -> dict[str, torch.T
     }
 
 
+def test_rows_read_column_slices_in_place_and_copy_what_they_cannot() -> None:
+    """``as_rows`` hands the kernel the gate half of in_proj's output (and B, C of
+    x_proj's) as the wider rows they lie in, without a copy; anything else is copied."""
+    xz = torch.randn(2, 5, 12)
+    for part, at in ((xz[..., 4:10], 4), (xz[..., :3], 0), (xz, 0)):
+        rows, offset = fastmath.as_rows(part)
+        assert offset == at
+        assert np.shares_memory(rows, xz.numpy())
+        assert rows.flags.c_contiguous
+        assert np.array_equal(rows[..., offset : offset + part.shape[-1]], part.numpy())
+    later = xz[1:, :, 4:10]  # starts one row of the batch in: still in place
+    rows, offset = fastmath.as_rows(later)
+    assert np.shares_memory(rows, xz.numpy())
+    assert np.array_equal(rows[..., offset : offset + 6], later.numpy())
+    for other in (xz[:, ::2, 4:10], xz.transpose(1, 2), xz.double()[..., 4:10]):
+        rows, offset = fastmath.as_rows(other)
+        assert offset == 0
+        assert not np.shares_memory(rows, xz.numpy())
+        assert np.array_equal(rows, other.float().numpy())
+    padded, offset = fastmath.as_rows(xz[..., 4:10], pad=2)
+    assert (offset, padded.shape) == (0, (2, 5, 8))
+    assert np.array_equal(padded[..., :6], xz[..., 4:10].numpy())
+    assert not padded[..., 6:].any()
+
+
 @pytest.mark.parametrize("d", [scan.LANES, 24], ids=["whole-lanes", "padded-lanes"])
 def test_scan_with_softplus_and_gate_fused_equals_the_reference(d: int) -> None:
-    """Inputs as the block passes them (strided views), a length that is not a multiple
-    of the kernel's time tile, and a width that is not one of its lanes."""
+    """Inputs as the block passes them (column slices of wider rows, read in place) and a
+    width that is not a multiple of the kernel's lanes (padded)."""
     x = _inputs(2, 75, d, 16, seed=3)
     delta = F.softplus(x["raw"] + x["bias"])
     y_ref, h_ref, _ = scan.reference_scan(x["u"], delta, x["A"], x["B"], x["C"], x["D"], x["h0"])
@@ -91,18 +116,17 @@ def test_scan_with_softplus_and_gate_fused_equals_the_reference(d: int) -> None:
         x["u"], x["raw"], x["A"], x["B"], x["C"], x["D"], x["h0"],
         delta_bias=x["bias"], gate=x["gate"],
     )  # fmt: skip
-    assert 75 % scan.TILE
     assert (d % scan.LANES == 0) == (d == scan.LANES)
     assert torch.allclose(y, y_ref * F.silu(x["gate"]), rtol=1e-5, atol=TOL)
     assert torch.allclose(h, h_ref, rtol=1e-5, atol=TOL)
 
 
-def test_branches_and_captures_across_time_tiles() -> None:
-    """Branches whose parents lie one and two time tiles back, and captures at tile ends
-    and on a branch."""
+def test_branches_and_captures_far_back() -> None:
+    """Branches whose parents lie many steps back, a branch continued, and captures on
+    the chain and on branches."""
     x = _inputs(1, 74, 16, 4, seed=4)
     delta = F.softplus(x["raw"])
-    # 0..70 a chain; 71 branches off 5 (two tiles back), 72 continues 71; 73 branches off 33.
+    # 0..70 a chain; 71 branches off 5 (65 steps back), 72 continues 71; 73 branches off 33.
     tree = torch.tensor([[*range(-1, 70), 5, 71, 33]])
     capture = torch.tensor([[31, 63, 70, 72, 73, -1]])
     args = (x["u"], delta, x["A"], x["B"], x["C"], x["D"], x["h0"], capture, tree)
