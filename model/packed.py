@@ -205,10 +205,10 @@ class PackedModel:
             ssm0 = fastmath.as_array(torch.stack([s.ssm for s in state]))
             _check_shape("start conv state", conv0, (layers, b, d, kernel - 1))
             _check_shape("start ssm state", ssm0, (layers, b, d, n))
-        sgemm = blas.sgemm_address() if self.use_sgemm else 0
+        routines = (*(blas.routines() if self.use_sgemm else (0, 0)), numba.get_num_threads())
         tables = (self.concepts, self.kinds, self.segments, self.visit_orders)
         hidden, end_conv, end_ssm, cap_conv, cap_ssm = _network(
-            sgemm, self.transposed, ids, when, parents, window, asked, conv0, ssm0,
+            routines, self.transposed, ids, when, parents, window, asked, conv0, ssm0,
             tables, self.time2vec, self.project, self.project_bias,
             self.norm, self.in_proj, self.in_bias, self.conv, self.conv_bias, self.x_proj,
             self.dt_proj, self.dt_bias, self.decay, self.skip, self.out_proj, self.out_bias,
@@ -294,9 +294,9 @@ def applies(model: EHRMamba, batch: TokenBatch) -> bool:
     )
 
 
-@numba.njit(cache=True, fastmath=True, error_model="numpy")
+@numba.njit(parallel=blas.PRANGE_ONLY, cache=True, fastmath=True, error_model="numpy")
 def _network(
-    sgemm: int,  # blas.sgemm_address(), 0 for np.dot
+    routines: tuple[int, int, int],  # blas.routines() ((0, 0) for np.dot), threads
     transposed: bool,  # the projections are (in, out) copies, not the (out, in) parameters
     ids: npt.NDArray[np.int64],  # (4, N): concept, type, segment, visit order; N = b * l
     when: Array,  # (2, N): years since 1970, age
@@ -321,10 +321,7 @@ def _network(
     k = capture.shape[1]
     tokens = ids.shape[1]
     h = norm_f.shape[0]
-    scratch = np.empty(8, np.int32)  # the BLAS call's arguments
-    scalars = np.empty(2, np.float32)
-    residual = _embed(sgemm, transposed, ids, when, tables, time2vec, project, project_bias,
-                      scratch, scalars)  # fmt: skip
+    residual = _embed(routines, transposed, ids, when, tables, time2vec, project, project_bias)
     # window: each token's conv window along its path, oldest first, the token itself last;
     # p >= 0 a position of the row, p < 0 the start state's input K-1+p (-1 the newest).
     xz = np.empty((tokens, 2 * d), np.float32)  # conv input, then the gate's input
@@ -343,7 +340,7 @@ def _network(
     cap_ssm = np.zeros((layers, b, k, d, n), np.float32)
     for li in range(layers):
         _rms_norm(residual, norm[li], eps, normed)
-        gemm(sgemm, normed, tokens, h, h, in_proj[li], transposed, xz, False, scratch, scalars)
+        gemm(routines, normed, tokens, h, h, in_proj[li], transposed, xz, False)
         for m in range(tokens):
             for c in range(2 * d):
                 xz[m, c] += in_bias[li, c]
@@ -364,10 +361,8 @@ def _network(
                             out[c] += conv0[li, bi, c, kernel - 1 + p] * tap[c]
                 for c in range(d):
                     out[c] = fastmath.silu(out[c])
-        gemm(sgemm, u, tokens, d, d, x_proj[li], transposed, selection, False, scratch,
-             scalars)  # fmt: skip
-        gemm(sgemm, selection, tokens, r, r + 2 * n, dt_proj[li], transposed, raw_dt, False,
-             scratch, scalars)  # fmt: skip
+        gemm(routines, u, tokens, d, d, x_proj[li], transposed, selection, False)
+        gemm(routines, selection, tokens, r, r + 2 * n, dt_proj[li], transposed, raw_dt, False)
         for bi in range(b):
             for s in range(n):
                 for c in range(d):
@@ -397,8 +392,7 @@ def _network(
                         y[c] += c_t * value
                 for c in range(d):
                     y[c] *= fastmath.silu(xz[m, d + c])
-        gemm(sgemm, gated, tokens, d, d, out_proj[li], transposed, residual, True, scratch,
-             scalars)  # fmt: skip
+        gemm(routines, gated, tokens, d, d, out_proj[li], transposed, residual, True)
         for m in range(tokens):
             for c in range(h):
                 residual[m, c] += out_bias[li, c]
@@ -417,9 +411,9 @@ def _network(
 
 @numba.njit(inline="always", fastmath=True, error_model="numpy")
 def _embed(
-    sgemm: int, transposed: bool, ids: npt.NDArray[np.int64], when: Array,
+    routines: tuple[int, int, int], transposed: bool, ids: npt.NDArray[np.int64], when: Array,
     tables: tuple[Array, Array, Array, Array], time2vec: Array, project: Array,
-    project_bias: Array, scratch: npt.NDArray[np.int32], scalars: Array,
+    project_bias: Array,
 ) -> Array:  # fmt: skip
     """Input embeddings (N, h), as ``Embeddings`` (paper section 2.2): the concept's row,
     Time2Vec of time and age (a linear feature, then sinusoids), projected back to h; then
@@ -438,8 +432,7 @@ def _embed(
             for j in range(1, e):
                 features[m, at + j] = np.sin(x * time2vec[stream, 0, j] + time2vec[stream, 1, j])
     out = np.empty((tokens, h), np.float32)
-    gemm(sgemm, features, tokens, h + 2 * e, h + 2 * e, project, transposed, out, False,
-         scratch, scalars)  # fmt: skip
+    gemm(routines, features, tokens, h + 2 * e, h + 2 * e, project, transposed, out, False)
     for m in range(tokens):
         kind, segment, visit = kinds[ids[1, m]], segments[ids[2, m]], visits[ids[3, m]]
         for c in range(h):
