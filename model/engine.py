@@ -195,10 +195,10 @@ class Engine:
             if plan.start and item.cached is not None
             else ModelState(tuple(b.mixer.empty_state(1) for b in self.model.backbone.blocks()))
         )
-        leaves = [self._leaf(task, scanned) for task in tasks if task is not Task.LENGTH_OF_STAY]
+        leaves = self._leaves([task for task in tasks if task is not Task.LENGTH_OF_STAY], scanned)
         own: list[_Row] = []
         if plan.los_cut is not None:
-            leaf = self._leaf(Task.LENGTH_OF_STAY, seq.prefix(plan.los_cut))
+            [leaf] = self._leaves([Task.LENGTH_OF_STAY], seq.prefix(plan.los_cut))
             if plan.los_cut >= plan.start:
                 leaves.append(leaf)
             else:  # the cut state is in the cache (``_plan`` rescans when it is not)
@@ -209,10 +209,15 @@ class Engine:
         main = _Row(patient, plan.start, start, scanned.suffix(plan.start), cuts, tuple(leaves))
         return main, own
 
-    def _leaf(self, task: Task, prefix: TokenSequence) -> _Leaf:
-        last = prefix.suffix(len(prefix) - 1)  # the task token takes its time and age
-        token = with_task_token(last, self._task_ids[task]).suffix(1)
-        return _Leaf(task, len(prefix), token)
+    def _leaves(self, tasks: Sequence[Task], prefix: TokenSequence) -> list[_Leaf]:
+        """The task tokens of ``tasks``, each branching off the state after ``prefix`` and
+        taking its last token's time and age (appended to that one token, not to the whole
+        prefix: an incremental score is bound by small operations)."""
+        last = prefix.suffix(len(prefix) - 1)
+        return [
+            _Leaf(task, len(prefix), with_task_token(last, self._task_ids[task]).suffix(1))
+            for task in tasks
+        ]
 
     def _run(self, rows: list[_Row]) -> list[_RowOutput]:
         """The model over ``rows`` as one batch of token trees."""
