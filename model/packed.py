@@ -232,23 +232,19 @@ class PackedModel:
         """The ids (4, N): concept, type, segment and visit order (clamped as
         ``Embeddings``), and the times (2, N): years since 1970 and age. Raises IndexError
         for an id its table lacks (the kernel would read beyond it)."""
-        visits = batch.visit_order.clamp(max=self.visit_orders.shape[0] - 1)
-        ids = np.stack([
-            t.cpu().numpy().reshape(-1).astype(np.int64)
-            for t in (batch.concept, batch.type, batch.segment, visits)
-        ])  # fmt: skip
-        names = ("concept", "type", "segment", "visit_order")
+        streams = (batch.concept, batch.type, batch.segment, batch.visit_order)
+        ids = torch.stack([t.cpu().long() for t in streams]).view(4, -1).numpy()
         tables = (self.concepts, self.kinds, self.segments, self.visit_orders)
-        for name, row, table in zip(names, ids, tables, strict=True):
-            low, high = int(row.min()), int(row.max())
-            if low < 0 or high >= table.shape[0]:
-                bad = low if low < 0 else high
-                raise IndexError(
-                    f"{name} id {bad} is outside its table (0 to {table.shape[0] - 1})"
-                )
-        years = batch.time.cpu().float().numpy().reshape(-1) / np.float32(self.weeks_per_year)
-        age = batch.age.cpu().float().numpy().reshape(-1)
-        return ids, np.stack([years, age]).astype(np.float32)
+        np.minimum(ids[3], tables[3].shape[0] - 1, out=ids[3])
+        sizes = np.array([table.shape[0] for table in tables])
+        low, high = ids.min(axis=1), ids.max(axis=1)
+        for i in np.flatnonzero((low < 0) | (high >= sizes)):
+            name = ("concept", "type", "segment", "visit_order")[i]
+            bad = low[i] if low[i] < 0 else high[i]
+            raise IndexError(f"{name} id {bad} is outside its table (0 to {sizes[i] - 1})")
+        years = batch.time.cpu().float() / self.weeks_per_year
+        when = torch.stack([years, batch.age.cpu().float()]).view(2, -1).numpy()
+        return ids, when
 
 
 def _check_shape(name: str, array: npt.NDArray[np.generic], shape: tuple[int, ...]) -> None:
