@@ -15,7 +15,7 @@ columns without a copy.
 
 A larger product is split by output columns over numba's threads, each part one sgemm
 that MKL runs on its calling thread (``gemm``). Such a forward is bound by fetching the
-weights (13 MB for the compact size), which both cores then share.
+weights (14 MB for the compact size), which both cores then share.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ PRANGE_ONLY: Any = {
 
 @functools.cache
 def _torch_cpu() -> ctypes.CDLL | None:
+    """PyTorch's CPU library, whose MKL symbols the kernels call; None where absent."""
     try:
         return ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
     except OSError:
@@ -126,10 +127,9 @@ def gemm(
 
     A product of more than ``PART`` weights is split by output columns into parts that run
     on numba's threads at once, each part one sgemm that MKL is told to run on its calling
-    thread alone. Left to itself, MKL splits a product of a few rows poorly (two threads
-    were 1.2x one on 17 x 256 @ 256 x 1,024 here, the split 1.7x) and starts threads of its
-    own for products that are too small to share (the 17-row time-step projection took 3x
-    longer on two threads than on one)."""
+    thread alone. Left to itself, MKL splits a product of a few rows poorly and starts its
+    second thread even for products too small to share (docs/benchmarks.md: the packed
+    call against the blocks path, before and after)."""
     sgemm, set_threads, threads = blas
     m = weight.shape[1] if transposed else weight.shape[0]
     if sgemm == 0:

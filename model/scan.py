@@ -381,14 +381,13 @@ def _scan_forward(
 
     Each step reads its inputs straight from the rows (slices of LANES contiguous floats)
     into the loops that use them. Staging tiles of several steps into local buffers first,
-    as an earlier version did, made the kernel two to three times slower."""
+    as an earlier version did, was slower (the whole forward 1.2x: docs/benchmarks.md)."""
     u_rows, u_at = u
     delta_rows, delta_at = delta
     b_rows, b_at = B
     c_rows, c_at = C
     gate_rows, gate_at = gate
-    nb, steps, _ = y.shape
-    nd = y.shape[2]
+    nb, steps, nd = y.shape
     nn = A.shape[1]
     groups = nd // LANES
     gated = gate_rows.shape[1] > 0
