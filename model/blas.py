@@ -159,7 +159,6 @@ def _columns(
 ) -> None:  # fmt: skip
     """out[:rows, first:first + count] (+)= x[:rows, :depth] @ W[first:first + count].T,
     one sgemm call."""
-    m = out.shape[1]
     scratch = np.empty(8, np.int32)  # the Fortran arguments, passed by address
     scalars = np.empty(2, np.float32)
     # Column-major, out^T (count, rows) = W[first:first + count] (count, depth) x^T (depth,
@@ -172,8 +171,8 @@ def _columns(
     scratch[3] = ldx
     scratch[4] = 78  # "N"
     scratch[5] = 78 if transposed else 84  # "N" or "T"
-    scratch[6] = m if transposed else depth  # W's leading dimension
-    scratch[7] = m  # out's
+    scratch[6] = weight.shape[1]  # W's leading dimension: m for the copy, depth in place
+    scratch[7] = out.shape[1]  # out's
     scalars[0] = 1.0
     scalars[1] = 1.0 if accumulate else 0.0
     four = 4  # bytes per int32 and per float32

@@ -87,6 +87,12 @@ class PackedModel:
     transposed: bool  # the projections as (in, out) copies (see ``COPY_BUDGET``)
     use_sgemm: bool = True  # PyTorch's sgemm where it exports one; False: np.dot (tests)
 
+    @property
+    def tables(self) -> tuple[Array, Array, Array, Array]:
+        """The embedding tables in the order of ``_streams``' ids: concepts, token types,
+        segments, visit orders."""
+        return self.concepts, self.kinds, self.segments, self.visit_orders
+
     def unchanged(self) -> bool:
         """Whether every parameter is still the one packed, with the same values."""
         return all(
@@ -206,10 +212,9 @@ class PackedModel:
             _check_shape("start conv state", conv0, (layers, b, d, kernel - 1))
             _check_shape("start ssm state", ssm0, (layers, b, d, n))
         routines = (*(blas.routines() if self.use_sgemm else (0, 0)), numba.get_num_threads())
-        tables = (self.concepts, self.kinds, self.segments, self.visit_orders)
         hidden, end_conv, end_ssm, cap_conv, cap_ssm = _network(
             routines, self.transposed, ids, when, parents, window, asked, conv0, ssm0,
-            tables, self.time2vec, self.project, self.project_bias,
+            self.tables, self.time2vec, self.project, self.project_bias,
             self.norm, self.in_proj, self.in_bias, self.conv, self.conv_bias, self.x_proj,
             self.dt_proj, self.dt_bias, self.decay, self.skip, self.out_proj, self.out_bias,
             self.norm_f, np.float32(self.eps),
@@ -234,7 +239,7 @@ class PackedModel:
         for an id its table lacks (the kernel would read beyond it)."""
         streams = (batch.concept, batch.type, batch.segment, batch.visit_order)
         ids = torch.stack([t.cpu().long() for t in streams]).view(4, -1).numpy()
-        tables = (self.concepts, self.kinds, self.segments, self.visit_orders)
+        tables = self.tables
         np.minimum(ids[3], tables[3].shape[0] - 1, out=ids[3])
         sizes = np.array([table.shape[0] for table in tables])
         low, high = ids.min(axis=1), ids.max(axis=1)
