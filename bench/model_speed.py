@@ -55,8 +55,9 @@ from model.batching import collate
 from model.config import ModelConfig, sized
 from model.engine import Engine, PatientInput
 from model.interop import to_transformers
-from model.network import EHRMamba, ModelState, TokenBatch
+from model.network import EHRMamba, TokenBatch
 from model.onnx_step import OnnxStep, StepGraph, example_inputs, export_step
+from model.state import ModelState
 from model.tasks import Task
 
 LENGTHS = (512, 2048, 8192, 65536)

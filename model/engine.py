@@ -36,10 +36,9 @@ from fhir_adapter.tokenizer import (
 )
 from fhir_adapter.vocabulary import CLS, PAD, TASK_TOKENS, UNK, Vocabulary
 from model.batching import collate
-from model.mamba import LayerState
-from model.network import STREAMS, EHRMamba, ModelState, TokenBatch
+from model.network import STREAMS, EHRMamba, TokenBatch
 from model.onnx_step import OnnxStep
-from model.state import captured_at, concat
+from model.state import ModelState, captured_at, concat
 from model.tasks import Task
 
 _NOT_FORECAST = (PAD, UNK, CLS, *TASK_TOKENS)
@@ -193,7 +192,7 @@ class Engine:
         start = (
             item.cached.end_state
             if plan.start and item.cached is not None
-            else ModelState(tuple(b.mixer.empty_state(1) for b in self.model.backbone.blocks()))
+            else ModelState.empty(self.model.config, 1)
         )
         leaves = self._leaves([task for task in tasks if task is not Task.LENGTH_OF_STAY], scanned)
         own: list[_Row] = []
@@ -320,14 +319,10 @@ class Engine:
             hidden, end, _ = self.model(batch, state)
             return hidden[:, 0], end
         columns = [getattr(batch, name)[:, 0].numpy() for name in STREAMS]
-        conv = torch.stack([s.conv for s in state.layers]).numpy()
-        ssm = torch.stack([s.ssm for s in state.layers]).numpy()
-        hidden, _, _, conv_out, ssm_out = self.onnx_step.run(*columns, conv, ssm)
-        layers = tuple(
-            LayerState(torch.from_numpy(conv_out[i]), torch.from_numpy(ssm_out[i]))
-            for i in range(conv_out.shape[0])
+        hidden, _, _, conv, ssm = self.onnx_step.run(
+            *columns, state.conv.contiguous().numpy(), state.ssm.contiguous().numpy()
         )
-        return torch.from_numpy(hidden), ModelState(layers)
+        return torch.from_numpy(hidden), ModelState(torch.from_numpy(conv), torch.from_numpy(ssm))
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from model import packed
 from model.config import ModelConfig
 from model.mamba import LayerState, MambaBlock, RMSNorm
 from model.route import Route
+from model.state import ModelState
 from model.tasks import Task
 
 WEEKS_PER_YEAR = 52.1775
@@ -44,13 +45,6 @@ class TokenBatch:
 
 
 STREAMS = ("concept", "type", "age", "time", "segment", "visit_order")  # TokenBatch's fields
-
-
-@dataclass(frozen=True)
-class ModelState:
-    """The recurrent state of every block; what the engine caches per patient."""
-
-    layers: tuple[LayerState, ...]
 
 
 class Time2Vec(nn.Module):
@@ -145,22 +139,20 @@ class EHRMamba(nn.Module):
         reaches that state.
         """
         if packed.applies(self, batch):  # a few tokens: all of this in one compiled call
-            hidden, last, caught = self._packed().forward(
-                batch, state.layers if state else None, capture, parent
-            )
-            return hidden, ModelState(last), ModelState(caught) if caught is not None else None
+            return self._packed().forward(batch, state, capture, parent)
         x = self.input_embeddings(batch)
         b, length = batch.concept.shape
         route = Route.of(capture, parent, b, length, self.config.conv_kernel)
+        starts = state.layers if state else (None,) * self.config.num_hidden_layers
         ends: list[LayerState] = []
         captured: list[LayerState] = []
-        for i, block in enumerate(self.backbone.blocks()):
-            x, end, cap = block(x, state.layers[i] if state else None, route)
+        for block, start in zip(self.backbone.blocks(), starts, strict=True):
+            x, end, cap = block(x, start, route)
             ends.append(end)
             if cap is not None:
                 captured.append(cap)
         hidden = self.backbone.norm_f(x)
-        return hidden, ModelState(tuple(ends)), ModelState(tuple(captured)) if captured else None
+        return hidden, ModelState.of(ends), ModelState.of(captured) if captured else None
 
     def _packed(self) -> packed.PackedModel:
         """The weights packed for ``model.packed``, repacked when one has changed."""

@@ -25,8 +25,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from model.mamba import LayerState
-from model.network import STREAMS, EHRMamba, ModelState, TokenBatch
+from model.network import STREAMS, EHRMamba, TokenBatch
+from model.state import ModelState
 
 INPUTS = (*STREAMS, "conv", "ssm")
 OUTPUTS = ("hidden", "logits", "task_logits", "conv_out", "ssm_out")
@@ -52,15 +52,14 @@ class StepGraph(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         batch = TokenBatch(*(t.unsqueeze(1) for t in (concept, type, age, time, segment,
                                                       visit_order)))  # fmt: skip
-        state = ModelState(tuple(LayerState(conv[i], ssm[i]) for i in range(conv.shape[0])))
-        hidden, end, _ = self.model(batch, state)
+        hidden, end, _ = self.model(batch, ModelState(conv, ssm))
         last = hidden[:, 0]
         return (
             last,
             self.model.next_token_logits(last),
             self.model.task_logits(last),
-            torch.stack([s.conv for s in end.layers]),
-            torch.stack([s.ssm for s in end.layers]),
+            end.conv,
+            end.ssm,
         )
 
 

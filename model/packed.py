@@ -23,9 +23,10 @@ N d n floats, which is why this path is for a few tokens (``FEW_TOKENS``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numba
 import numpy as np
@@ -37,7 +38,7 @@ from torch import nn
 from model import blas, fastmath
 from model.blas import gemm
 from model.branches import Branches
-from model.mamba import LayerState
+from model.state import ModelState
 
 if TYPE_CHECKING:
     from model.network import EHRMamba, TokenBatch
@@ -92,6 +93,11 @@ class PackedModel:
         """The embedding tables in the order of ``_streams``' ids: concepts, token types,
         segments, visit orders."""
         return self.concepts, self.kinds, self.segments, self.visit_orders
+
+    @functools.cached_property
+    def table_sizes(self) -> npt.NDArray[np.int64]:
+        """The rows of each table in ``tables``."""
+        return np.array([table.shape[0] for table in self.tables], np.int64)
 
     def unchanged(self) -> bool:
         """Whether every parameter is still the one packed, with the same values."""
@@ -173,16 +179,19 @@ class PackedModel:
     def forward(
         self,
         batch: TokenBatch,
-        state: tuple[LayerState, ...] | None,
+        state: ModelState | None,
         capture: torch.Tensor | None,
         parent: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, tuple[LayerState, ...], tuple[LayerState, ...] | None]:
-        """``EHRMamba.forward`` up to the final norm: hidden (b, l, h), each layer's end
-        state, and each layer's captured states (conv (b, k, d, K-1), ssm (b, k, d, n),
-        zeros at -1) when ``capture`` (b, k) is given. ``state``: each layer's start state
-        (zeros when None); ``parent`` (b, l): token trees. Raises ValueError for a parent
-        that is not an earlier position or -1, a captured position outside the rows or a
-        shape that does not fit, IndexError for an id beyond its table."""
+    ) -> tuple[torch.Tensor, ModelState, ModelState | None]:
+        """``EHRMamba.forward`` up to the final norm: hidden (b, l, h), the end state, and
+        the captured states (zeros at -1) when ``capture`` (b, k) is given. ``state``: the
+        start state (zeros when None); ``parent`` (b, l): token trees. Raises ValueError for
+        a parent that is not an earlier position or -1, a captured position outside the
+        rows or a shape that does not fit, IndexError for an id beyond its table.
+
+        What runs in Python here is kept to a few operations: after the kernel has streamed
+        the weights through the caches, each costs several times what it does in a loop
+        (docs/benchmarks.md, "The Python around a small forward")."""
         b, length = batch.concept.shape
         h = self.norm_f.shape[0]
         layers, kernel, d = self.conv.shape
@@ -194,10 +203,8 @@ class PackedModel:
             parents = branches.parent.numpy()
             window = branches.windows.numpy() - (kernel - 1)  # conv_in rows -> positions
         else:
-            parents = np.broadcast_to(np.arange(-1, length - 1), (b, length)).copy()
-            plain = np.arange(length)[:, None] + np.arange(1 - kernel, 1)  # (l, K)
-            window = np.broadcast_to(plain, (b, length, kernel)).copy()
-        asked = np.empty((b, 0), np.int64)
+            parents, window = _plain_paths(b, length, kernel)
+        asked = _NOTHING_ASKED
         if capture is not None:
             asked = capture.cpu().numpy().astype(np.int64)
             _check_shape("capture", asked, (b, asked.shape[-1]))
@@ -207,8 +214,7 @@ class PackedModel:
             conv0 = np.zeros((layers, b, d, kernel - 1), np.float32)
             ssm0 = np.zeros((layers, b, d, n), np.float32)
         else:
-            conv0 = fastmath.as_array(torch.stack([s.conv for s in state]))
-            ssm0 = fastmath.as_array(torch.stack([s.ssm for s in state]))
+            conv0, ssm0 = fastmath.as_array(state.conv), fastmath.as_array(state.ssm)
             _check_shape("start conv state", conv0, (layers, b, d, kernel - 1))
             _check_shape("start ssm state", ssm0, (layers, b, d, n))
         routines = (*(blas.routines() if self.use_sgemm else (0, 0)), numba.get_num_threads())
@@ -219,37 +225,77 @@ class PackedModel:
             self.dt_proj, self.dt_bias, self.decay, self.skip, self.out_proj, self.out_bias,
             self.norm_f, np.float32(self.eps),
         )  # fmt: skip
-        ends = tuple(
-            LayerState(torch.from_numpy(end_conv[i]), torch.from_numpy(end_ssm[i]))
-            for i in range(layers)
-        )
-        captured = (
-            tuple(
-                LayerState(torch.from_numpy(cap_conv[i]), torch.from_numpy(cap_ssm[i]))
-                for i in range(layers)
-            )
-            if capture is not None
-            else None
-        )
-        return torch.from_numpy(hidden).view(b, length, h), ends, captured
+        end = ModelState(torch.from_numpy(end_conv), torch.from_numpy(end_ssm))
+        captured = None
+        if capture is not None:
+            captured = ModelState(torch.from_numpy(cap_conv), torch.from_numpy(cap_ssm))
+        return torch.from_numpy(hidden).view(b, length, h), end, captured
 
     def _streams(self, batch: TokenBatch) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
         """The ids (4, N): concept, type, segment and visit order (clamped as
         ``Embeddings``), and the times (2, N): years since 1970 and age. Raises IndexError
         for an id its table lacks (the kernel would read beyond it)."""
-        streams = (batch.concept, batch.type, batch.segment, batch.visit_order)
-        ids = torch.stack([t.cpu().long() for t in streams]).view(4, -1).numpy()
-        tables = self.tables
-        np.minimum(ids[3], tables[3].shape[0] - 1, out=ids[3])
-        sizes = np.array([table.shape[0] for table in tables])
-        low, high = ids.min(axis=1), ids.max(axis=1)
-        for i in np.flatnonzero((low < 0) | (high >= sizes)):
-            name = ("concept", "type", "segment", "visit_order")[i]
-            bad = low[i] if low[i] < 0 else high[i]
-            raise IndexError(f"{name} id {bad} is outside its table (0 to {sizes[i] - 1})")
-        years = batch.time.cpu().float() / self.weeks_per_year
-        when = torch.stack([years, batch.age.cpu().float()]).view(2, -1).numpy()
+        sizes = self.table_sizes
+        ids, when, bad = _gather_streams(
+            _numpy(batch.concept), _numpy(batch.type), _numpy(batch.segment),
+            _numpy(batch.visit_order), _numpy(batch.time), _numpy(batch.age),
+            sizes, np.float32(self.weeks_per_year),
+        )  # fmt: skip
+        if bad >= 0:
+            name = ("concept", "type", "segment", "visit_order")[bad]
+            low, high = ids[bad].min(), ids[bad].max()
+            wrong = low if low < 0 else high
+            raise IndexError(f"{name} id {wrong} is outside its table (0 to {sizes[bad] - 1})")
         return ids, when
+
+
+def _numpy(t: torch.Tensor) -> npt.NDArray[Any]:
+    """A CPU tensor's memory as an array (``applies`` has ruled out other devices)."""
+    return t.detach().numpy()
+
+
+_NOTHING_ASKED = np.empty((0, 0), np.int64)  # no captures (the kernel only reads its shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_paths(b: int, length: int, kernel: int) -> tuple[npt.NDArray[np.int64], ...]:
+    """Parents (b, l) and conv windows (b, l, K) of rows that are plain sequences, not
+    trees; see ``_network``. Cached (the kernel only reads them): every update of ten
+    events has the same shape."""
+    parents = np.broadcast_to(np.arange(-1, length - 1), (b, length)).copy()
+    plain = np.arange(length)[:, None] + np.arange(1 - kernel, 1)  # (l, K)
+    window = np.broadcast_to(plain, (b, length, kernel)).copy()
+    parents.flags.writeable = window.flags.writeable = False
+    return parents, window
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _gather_streams(
+    concept: npt.NDArray[np.integer], kind: npt.NDArray[np.integer],
+    segment: npt.NDArray[np.integer], visit_order: npt.NDArray[np.integer],
+    time: npt.NDArray[np.floating], age: npt.NDArray[np.floating],
+    sizes: npt.NDArray[np.int64], weeks_per_year: np.float32,
+) -> tuple[npt.NDArray[np.int64], Array, int]:  # fmt: skip
+    """Each (b, l) stream flattened: ids (4, N), visit orders clamped to the last row of
+    their table as ``Embeddings`` clamps them, and times (2, N), years (time / weeks per
+    year, in float32 as ``Embeddings`` divides) and age. Also the first stream with an id
+    outside its table (``sizes``), or -1."""
+    b, length = concept.shape
+    ids = np.empty((4, b * length), np.int64)
+    when = np.empty((2, b * length), np.float32)
+    bad = -1
+    for i in range(b):
+        for t in range(length):
+            m = i * length + t
+            ids[0, m], ids[1, m], ids[2, m] = concept[i, t], kind[i, t], segment[i, t]
+            ids[3, m] = min(visit_order[i, t], sizes[3] - 1)
+            when[0, m] = np.float32(time[i, t]) / weeks_per_year
+            when[1, m] = np.float32(age[i, t])
+            for stream in range(4):
+                outside = ids[stream, m] < 0 or ids[stream, m] >= sizes[stream]
+                if outside and (bad < 0 or stream < bad):
+                    bad = stream
+    return ids, when, bad
 
 
 def _check_shape(name: str, array: npt.NDArray[np.generic], shape: tuple[int, ...]) -> None:

@@ -10,8 +10,8 @@ import torch
 
 from model.branches import Branches
 from model.config import ModelConfig
-from model.mamba import LayerState
-from model.network import EHRMamba, ModelState, TokenBatch
+from model.network import EHRMamba, TokenBatch
+from model.state import ModelState
 from tests.model.paths import SCAN_PATHS, use_scan_path
 from tests.model.random_batches import VOCAB, random_batch
 
@@ -91,9 +91,7 @@ def test_every_token_of_a_tree_equals_its_path_scanned_alone(
 def _select(state: ModelState | None, row: int) -> ModelState | None:
     if state is None:
         return None
-    return ModelState(
-        tuple(LayerState(s.conv[row : row + 1], s.ssm[row : row + 1]) for s in state.layers)
-    )
+    return ModelState(state.conv[:, row : row + 1], state.ssm[:, row : row + 1])
 
 
 @pytest.mark.parametrize("bad", [[-1, 1, 1], [-1, 0, -2], [0, 0, 1]])

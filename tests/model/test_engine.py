@@ -3,9 +3,12 @@ continuation, forecasting and state bytes."""
 
 from __future__ import annotations
 
+import json
+import struct
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,9 +162,17 @@ def test_state_survives_bytes(engine: Engine) -> None:
         assert torch.equal(a.ssm, b.ssm)
         assert torch.equal(a.conv, b.conv)
     data = to_bytes(state)
-    for broken in (b"", b"garbage", data[:-4], data + b"\0\0\0\0", b"EHRMS1\xff\xff\xff\xff{"):
+    for broken in (b"", b"garbage", data[:-4], data + b"\0\0\0\0", b"EHRMS1\xff\xff\xff\xff{",
+                   _state_bytes([]), _state_bytes([[2, 3], [2, 4], [3, 3], [2, 4]])):  # fmt: skip
         with pytest.raises(ValueError, match="state"):
             from_bytes(broken)
+
+
+def _state_bytes(shapes: list[list[int]]) -> bytes:
+    """A well-formed header and body for blocks of ``shapes`` (conv, ssm, conv, ...)."""
+    header = json.dumps({"shapes": shapes}).encode()
+    body = b"".join(np.zeros(shape, "<f4").tobytes() for shape in shapes)
+    return b"EHRMS1" + struct.pack("<I", len(header)) + header + body
 
 
 def test_forecast_is_reproducible_and_well_formed(engine: Engine) -> None:

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.network import STREAMS, EHRMamba, ModelState, TokenBatch
+from model.network import STREAMS, EHRMamba, TokenBatch
 from model.onnx_step import OUTPUTS, OnnxStep, StepGraph, example_inputs, export_step
+from model.state import ModelState
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +49,8 @@ def test_step_graph_is_the_model_recurrence(exported: tuple[EHRMamba, OnnxStep])
     )
     with torch.no_grad():
         parallel, _, _ = model(batch)
-    empty = ModelState(tuple(b.mixer.empty_state(1) for b in model.backbone.blocks()))
-    conv = torch.stack([s.conv for s in empty.layers]).numpy()
-    ssm = torch.stack([s.ssm for s in empty.layers]).numpy()
+    empty = ModelState.empty(model.config, 1)
+    conv, ssm = empty.conv.numpy(), empty.ssm.numpy()
     for t in range(length):
         columns = [getattr(batch, f)[:, t].numpy() for f in
                    STREAMS]  # fmt: skip

@@ -14,7 +14,8 @@ from torch import nn
 
 from model import blas, packed
 from model.config import ModelConfig
-from model.network import EHRMamba, ModelState, TokenBatch
+from model.network import EHRMamba, TokenBatch
+from model.state import ModelState
 from tests.model.paths import use_inference_path
 from tests.model.random_batches import VOCAB, random_batch
 
@@ -153,6 +154,37 @@ def test_an_id_beyond_its_table_is_refused_on_the_packed_path(stream: str) -> No
     getattr(batch, stream)[0, 1] = -1
     with torch.no_grad(), pytest.raises(IndexError, match=f"{stream} id -1"):
         model(batch)
+
+
+def test_a_negative_visit_order_is_refused_and_a_large_one_clamped_on_the_packed_path() -> None:
+    model = _model()
+    batch = random_batch(1, 3)
+    batch.visit_order[0, 1] = 10**6  # shares the last row, as ``Embeddings`` clamps it
+    with torch.no_grad():
+        packed_hidden = model(batch)[0]
+        batch.visit_order[0, 1] = 8
+        assert torch.equal(model(batch)[0], packed_hidden)
+        batch.visit_order[0, 1] = -1
+        with pytest.raises(IndexError, match="visit_order id -1"):
+            model(batch)
+
+
+def test_streams_of_other_dtypes_and_layouts_give_the_same_numbers() -> None:
+    """int32 ids, float64 times and column slices of wider tensors are read as they are,
+    converted as ``Embeddings`` converts them."""
+    model = _model()
+    wide = random_batch(1, 8, seed=7)
+    batch = TokenBatch(*(getattr(wide, f)[:, ::2] for f in TokenBatch.__dataclass_fields__))
+    other = TokenBatch(
+        concept=batch.concept.int(), type=batch.type.int(), age=batch.age.double(),
+        time=batch.time.double().requires_grad_(), segment=batch.segment.short(),
+        visit_order=batch.visit_order.int(),
+    )  # fmt: skip
+    with torch.no_grad():
+        want = model(TokenBatch(*(t.contiguous() for t in vars(batch).values())))[0]
+        assert not batch.concept.is_contiguous()
+        assert torch.equal(model(batch)[0], want)
+        assert torch.equal(model(other)[0], want)
 
 
 def test_inputs_that_do_not_fit_are_refused_before_the_kernel_reads_them() -> None:

@@ -10,7 +10,8 @@ from transformers import MambaModel
 from model import scan
 from model.config import ModelConfig
 from model.interop import to_transformers
-from model.network import EHRMamba, ModelState, TokenBatch
+from model.network import EHRMamba, TokenBatch
+from model.state import ModelState
 from tests.model.paths import SCAN_PATHS, use_scan_path
 from tests.model.random_batches import VOCAB, random_batch
 

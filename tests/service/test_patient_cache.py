@@ -17,8 +17,7 @@ from fhir_adapter.record import JsonObject, PatientRecord
 from fhir_adapter.timeline import Timeline
 from fhir_adapter.tokenizer import TokenSequence
 from model.engine import CachedScan
-from model.mamba import LayerState
-from model.network import ModelState
+from model.state import ModelState
 from service.cache import Cache, MemoryCache, RedisCache, patient_key
 from service.patient_cache import (
     CachedRecord,
@@ -43,10 +42,7 @@ def _record(resources: list[JsonObject], patient_name: str = "A") -> PatientReco
 
 def _state(seed: int) -> ModelState:
     g = torch.Generator().manual_seed(seed)
-    return ModelState(
-        tuple(LayerState(torch.randn(1, 8, 3, generator=g), torch.randn(1, 8, 4, generator=g))
-              for _ in range(2))
-    )  # fmt: skip
+    return ModelState(torch.randn(2, 1, 8, 3, generator=g), torch.randn(2, 1, 8, 4, generator=g))
 
 
 def _sequence(n: int) -> TokenSequence:
