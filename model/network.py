@@ -138,8 +138,8 @@ class EHRMamba(nn.Module):
         scores several task tokens, each branching off the same state, in the scan that
         reaches that state.
         """
-        if packed.applies(self, batch):  # a few tokens: all of this in one compiled call
-            return self._packed().forward(batch, state, capture, parent)
+        if packed.applies(self, batch) and (weights := self._packed()) is not None:
+            return weights.forward(batch, state, capture, parent)  # all in one compiled call
         x = self.input_embeddings(batch)
         b, length = batch.concept.shape
         route = Route.of(capture, parent, b, length, self.config.conv_kernel)
@@ -154,11 +154,12 @@ class EHRMamba(nn.Module):
         hidden = self.backbone.norm_f(x)
         return hidden, ModelState.of(ends), ModelState.of(captured) if captured else None
 
-    def _packed(self) -> packed.PackedModel:
-        """The weights packed for ``model.packed``, repacked when one has changed."""
+    def _packed(self) -> packed.PackedModel | None:
+        """The weights packed for ``model.packed``, repacked when one has changed; None
+        where they are not ``packable`` (another device or dtype)."""
         current = self._packed_weights
         if current is None or not current.unchanged():
-            current = packed.PackedModel.of(self)
+            current = packed.PackedModel.of(self) if packed.packable(self) else None
             self._packed_weights = current
         return current
 

@@ -102,10 +102,8 @@ class PackedModel:
     def unchanged(self) -> bool:
         """Whether every parameter is still the one packed, with the same values."""
         return all(
-            module._parameters[name] is tensor
-            and tensor._version == version
-            and tensor.data_ptr() == address
-            for module, name, tensor, version, address in self.sources
+            slots[name] is tensor and tensor._version == version and tensor.data_ptr() == address
+            for slots, name, tensor, version, address in self.sources
         )
 
     @classmethod
@@ -305,17 +303,18 @@ def _check_shape(name: str, array: npt.NDArray[np.generic], shape: tuple[int, ..
         raise ValueError(f"{name} has shape {array.shape}, expected {shape}")
 
 
-# A parameter as packed: its module and name, the tensor, its version and storage address.
-_Source = tuple[nn.Module, str, torch.Tensor, int, int]
+# A parameter as packed: its module's parameter dict and its name there, the tensor, its
+# version and storage address.
+_Source = tuple[dict[str, nn.Parameter | None], str, torch.Tensor, int, int]
 
 
 def _sources(roots: list[nn.Module]) -> tuple[_Source, ...]:
     """Every parameter the packing reads. An optimizer step or a loaded state dict bumps a
-    version, ``.data =`` moves a storage, assigning a new Parameter replaces the tensor:
-    ``unchanged`` notices each, in under a microsecond per parameter (walking the modules
-    afresh would cost a millisecond per forward)."""
+    version, ``.data =`` (``model.to``, ``model.double``) moves a storage, assigning a new
+    Parameter replaces the tensor: ``unchanged`` notices each, in under a microsecond per
+    parameter (walking the modules afresh would cost a millisecond per forward)."""
     return tuple(
-        (module, name, tensor, tensor._version, tensor.data_ptr())
+        (module._parameters, name, tensor, tensor._version, tensor.data_ptr())
         for root in roots
         for module in root.modules()
         for name, tensor in module._parameters.items()
@@ -323,18 +322,28 @@ def _sources(roots: list[nn.Module]) -> tuple[_Source, ...]:
     )
 
 
+def packable(model: EHRMamba) -> bool:
+    """Whether the weights the kernel would read are float32 on the CPU. Checked when
+    packing, not per forward: moving or casting the model replaces their storage, which
+    ``PackedModel.unchanged`` notices."""
+    return all(
+        p.device.type == "cpu" and p.dtype == torch.float32
+        for root in (model.embed, model.backbone)
+        for p in root.parameters()
+    )
+
+
 def applies(model: EHRMamba, batch: TokenBatch) -> bool:
-    """Whether ``model``'s forward of ``batch`` takes the packed path: a few tokens on the
-    CPU, float32 weights, evaluation mode (no dropout), no gradients, not being traced (an
-    exporter must see the tensor operations)."""
+    """Whether ``model``'s forward of ``batch`` may take the packed path (if its weights are
+    ``packable``): a few tokens on the CPU, evaluation mode (no dropout), no gradients, not
+    being traced (an exporter must see the tensor operations). Each check costs
+    microseconds here: this runs before every forward of a few tokens."""
     b, length = batch.concept.shape
     return (
         0 < b * length <= FEW_TOKENS
         and not torch.is_grad_enabled()
         and not model.training
-        and batch.concept.device.type == "cpu"
-        and model.lm_head.weight.device.type == "cpu"
-        and model.lm_head.weight.dtype == torch.float32
+        and batch.concept.is_cpu
         and not torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
         and not torch.jit.is_tracing()  # type: ignore[attr-defined, no-untyped-call]

@@ -140,8 +140,13 @@ def test_only_few_tokens_without_gradients_take_the_packed_path(
         model.train()  # dropout: the tensor operations draw it
         model(random_batch(1, 8))
         model.eval()
+        assert packed.packable(model)
+        model.double()  # float64 weights: the kernel computes in float32, so not for these
+        assert not packed.packable(model)
+        model.float()  # a cast replaces every storage: noticed, repacked
+        model(random_batch(1, 7))
     model(random_batch(1, 8))  # gradients on: training
-    assert calls == [packed.FEW_TOKENS]
+    assert calls == [packed.FEW_TOKENS, 7]
 
 
 @pytest.mark.parametrize("stream", ["concept", "type", "segment"])
