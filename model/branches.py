@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -49,20 +50,10 @@ class Branches:
         """Check ``parent`` (b, l) and work out every token's conv window.
 
         Raises ValueError when a token's parent is not an earlier position or -1."""
-        par = parent.cpu().numpy().astype(np.int64)
-        check_parents(par)
-        b, length = par.shape
-        steps = np.arange(length)
-        windows = np.empty((b, length, kernel), dtype=np.int64)
-        current = np.broadcast_to(steps, (b, length)).copy()
-        windows[:, :, kernel - 1] = current
-        for k in range(kernel - 2, -1, -1):
-            # Before the row come the start state's saved inputs, a plain chain: -1, -2, ...
-            before = np.take_along_axis(par, current.clip(min=0), axis=1)
-            current = np.where(current >= 0, before, current - 1)
-            windows[:, :, k] = current
-        windows += kernel - 1  # positions -> conv_in indices
-        plain = steps[:, None] + np.arange(kernel)  # (l, K)
+        par = np.ascontiguousarray(parent.cpu().numpy(), dtype=np.int64)
+        windows = paths(par, kernel) + (kernel - 1)  # positions -> conv_in indices
+        length = par.shape[1]
+        plain = np.arange(length)[:, None] + np.arange(kernel)  # (l, K)
         rows, positions = np.nonzero((windows != plain).any(axis=-1))
         return cls(
             parent=torch.from_numpy(par),
@@ -73,8 +64,37 @@ class Branches:
         )
 
 
-def check_parents(parent: npt.NDArray[np.int64]) -> None:
-    """Raise ValueError unless every token's parent (b, l) is an earlier position or -1."""
-    steps = np.arange(parent.shape[1])
-    if ((parent >= steps) | (parent < -1)).any():
+def paths(parent: npt.NDArray[np.int64], kernel: int) -> npt.NDArray[np.int64]:
+    """Each token's conv window along its path (b, l, K), oldest first, the token itself
+    last, as positions: p >= 0 a position of the row, p < 0 the start state's saved input
+    K-1+p (-1 the newest). Raises ValueError unless every parent (b, l) is an earlier
+    position or -1."""
+    windows, bad = _paths(parent, kernel)
+    if bad:
         raise ValueError("a token's parent must be an earlier position, or -1 (the start)")
+    return windows
+
+
+@numba.njit(cache=True)
+def _paths(
+    parent: npt.NDArray[np.int64], kernel: int
+) -> tuple[npt.NDArray[np.int64], bool]:  # fmt: skip
+    """``paths``, and whether some parent is not an earlier position or -1 (then the
+    windows are not filled in). One compiled call: the packed forward of an incremental
+    score runs this before each kernel call, where every small operation counts."""
+    b, length = parent.shape
+    windows = np.empty((b, length, kernel), np.int64)
+    for i in range(b):
+        for t in range(length):
+            if parent[i, t] >= t or parent[i, t] < -1:
+                return windows, True
+    for i in range(b):
+        for t in range(length):
+            # Walk back along the path; before the row come the start state's saved
+            # inputs, a plain chain: -1, -2, ...
+            current = t
+            windows[i, t, kernel - 1] = current
+            for k in range(kernel - 2, -1, -1):
+                current = parent[i, current] if current >= 0 else current - 1
+                windows[i, t, k] = current
+    return windows, False

@@ -37,7 +37,7 @@ from torch import nn
 
 from model import blas, fastmath
 from model.blas import gemm
-from model.branches import Branches
+from model.branches import paths
 from model.state import ModelState
 
 if TYPE_CHECKING:
@@ -196,10 +196,9 @@ class PackedModel:
         n = self.decay.shape[1]
         ids, when = self._streams(batch)
         if parent is not None:
-            _check_shape("parent", parent.cpu().numpy(), (b, length))
-            branches = Branches.of(parent, kernel)
-            parents = branches.parent.numpy()
-            window = branches.windows.numpy() - (kernel - 1)  # conv_in rows -> positions
+            parents = np.ascontiguousarray(_numpy(parent), dtype=np.int64)
+            _check_shape("parent", parents, (b, length))
+            window = paths(parents, kernel)
         else:
             parents, window = _plain_paths(b, length, kernel)
         asked = _NOTHING_ASKED
@@ -257,14 +256,12 @@ _NOTHING_ASKED = np.empty((0, 0), np.int64)  # no captures (the kernel only read
 
 @functools.lru_cache(maxsize=64)
 def _plain_paths(b: int, length: int, kernel: int) -> tuple[npt.NDArray[np.int64], ...]:
-    """Parents (b, l) and conv windows (b, l, K) of rows that are plain sequences, not
-    trees; see ``_network``. Cached (the kernel only reads them): every update of ten
-    events has the same shape."""
+    """Parents (b, l) and conv windows (b, l, K, see ``paths``) of rows that are plain
+    sequences, not trees. Cached, as every update of ten events has the same shape; the
+    kernel only reads them. (Not marked read-only: numba would compile the kernel a second
+    time for read-only arrays.)"""
     parents = np.broadcast_to(np.arange(-1, length - 1), (b, length)).copy()
-    plain = np.arange(length)[:, None] + np.arange(1 - kernel, 1)  # (l, K)
-    window = np.broadcast_to(plain, (b, length, kernel)).copy()
-    parents.flags.writeable = window.flags.writeable = False
-    return parents, window
+    return parents, paths(parents, kernel)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -357,7 +354,7 @@ def _network(
     ids: npt.NDArray[np.int64],  # (4, N): concept, type, segment, visit order; N = b * l
     when: Array,  # (2, N): years since 1970, age
     parent: npt.NDArray[np.int64],  # (b, l)
-    window: npt.NDArray[np.int64],  # (b, l, K): ``Branches.windows`` less K-1, see below
+    window: npt.NDArray[np.int64],  # (b, l, K): ``model.branches.paths``
     capture: npt.NDArray[np.int64],  # (b, k), -1 for none
     conv0: Array,  # (L, b, d, K-1) start conv inputs, oldest first
     ssm0: Array,  # (L, b, d, n) start states
