@@ -66,7 +66,9 @@ def test_packed_equals_the_blocks(
         monkeypatch.setattr(packed, "COPY_BUDGET", 0)
     model = _model(bias)
     with torch.inference_mode():
-        model._packed_weights = dataclasses.replace(model._packed(), use_sgemm=sgemm)
+        weights = model._packed()
+        assert weights is not None
+        model._packed_weights = dataclasses.replace(weights, use_sgemm=sgemm)
     hidden, end, captured = _forward(model, "packed", monkeypatch)
     want_hidden, want_end, want_captured = _forward(model, "blocks", monkeypatch)
     assert (hidden - want_hidden).abs().max().item() < TOL
