@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from model.config import ModelConfig
@@ -109,17 +110,19 @@ def from_bytes(data: bytes) -> ModelState:
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError("corrupt model state header") from exc
     offset += size
-    arrays: list[torch.Tensor] = []
+    arrays: list[npt.NDArray[np.float32]] = []  # views of ``data``; stacking copies once
     for shape in shapes:
+        if not (isinstance(shape, list) and all(isinstance(x, int) and x >= 0 for x in shape)):
+            raise ValueError("corrupt model state header")
         count = int(np.prod(shape))
-        chunk = data[offset : offset + 4 * count]
-        if len(chunk) != 4 * count:
+        if offset + 4 * count > len(data):
             raise ValueError("truncated model state")
-        arrays.append(torch.from_numpy(np.frombuffer(chunk, dtype="<f4").reshape(shape).copy()))
+        arrays.append(np.frombuffer(data, "<f4", count, offset).reshape(shape))
         offset += 4 * count
     if offset != len(data) or not arrays or len(arrays) % 2:
         raise ValueError("model state has trailing or missing bytes")
     convs, ssms = arrays[0::2], arrays[1::2]
     if len({a.shape for a in convs}) > 1 or len({a.shape for a in ssms}) > 1:
         raise ValueError("model state blocks differ in shape")
-    return ModelState(torch.stack(convs).unsqueeze(1), torch.stack(ssms).unsqueeze(1))
+    conv, ssm = (torch.from_numpy(np.stack(part)).unsqueeze(1) for part in (convs, ssms))
+    return ModelState(conv, ssm)

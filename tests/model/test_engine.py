@@ -7,6 +7,7 @@ import json
 import struct
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -162,17 +163,24 @@ def test_state_survives_bytes(engine: Engine) -> None:
         assert torch.equal(a.ssm, b.ssm)
         assert torch.equal(a.conv, b.conv)
     data = to_bytes(state)
-    for broken in (b"", b"garbage", data[:-4], data + b"\0\0\0\0", b"EHRMS1\xff\xff\xff\xff{",
-                   _state_bytes([]), _state_bytes([[2, 3], [2, 4], [3, 3], [2, 4]])):  # fmt: skip
+    for broken in (b"", b"garbage", data[:-4], data + b"\0\0\0\0", b"EHRMS1\xff\xff\xff\xff{"):
         with pytest.raises(ValueError, match="state"):
             from_bytes(broken)
+    cases: list[tuple[list[Any], int, str]] = [
+        ([], 4, "missing bytes"),
+        ([[2, 3], [2, 4], [3, 3], [2, 4]], 31, "differ in shape"),
+        ([[2, -1], [2, 4]], 6, "corrupt model state header"),
+        ([[2, "3"], [2, 4]], 14, "corrupt model state header"),
+    ]
+    for shapes, floats, why in cases:
+        with pytest.raises(ValueError, match=why):
+            from_bytes(_state_bytes(shapes, floats))
 
 
-def _state_bytes(shapes: list[list[int]]) -> bytes:
-    """A well-formed header and body for blocks of ``shapes`` (conv, ssm, conv, ...)."""
+def _state_bytes(shapes: list[Any], floats: int) -> bytes:
+    """A header naming ``shapes`` and a body of ``floats`` zeros."""
     header = json.dumps({"shapes": shapes}).encode()
-    body = b"".join(np.zeros(shape, "<f4").tobytes() for shape in shapes)
-    return b"EHRMS1" + struct.pack("<I", len(header)) + header + body
+    return b"EHRMS1" + struct.pack("<I", len(header)) + header + np.zeros(floats, "<f4").tobytes()
 
 
 def test_forecast_is_reproducible_and_well_formed(engine: Engine) -> None:
