@@ -375,8 +375,6 @@ def _network(
     tokens = ids.shape[1]
     h = norm_f.shape[0]
     residual = _embed(routines, transposed, ids, when, tables, time2vec, project, project_bias)
-    # window: each token's conv window along its path, oldest first, the token itself last;
-    # p >= 0 a position of the row, p < 0 the start state's input K-1+p (-1 the newest).
     xz = np.empty((tokens, 2 * d), np.float32)  # conv input, then the gate's input
     selection = np.empty((tokens, r + 2 * n), np.float32)  # dt (before dt_proj), B, C
     raw_dt = np.empty((tokens, d), np.float32)
